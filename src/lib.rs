@@ -1,0 +1,11 @@
+//! paritybench: regression and parity benchmarking for LLM inference engines.
+//!
+//! One binary, `runner` (see [`cli`]). The modules follow the concerns of the product:
+//! the dump [`protocol`] every engine speaks, the [`metrics`] computed between two dumps,
+//! the seeded [`fixtures`] (models, prompt suites, reference dumps) and the built-in
+//! [`engine`].
+
+pub mod cli;
+pub mod fixtures;
+pub mod metrics;
+pub mod protocol;

@@ -1,0 +1,1 @@
+//! Metrics between two dumps (SPEC "Metrics"): f64 accumulation, fixed-order reductions.
