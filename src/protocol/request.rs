@@ -250,9 +250,10 @@ impl Request {
         p.positions.as_ref().unwrap_or(&self.positions).resolve(p.token_ids.len())
     }
 
-    /// sha256 of the canonical JSON of this request (recorded in manifests).
+    /// sha256 of this request as [`Request::save`] writes it. A manifest's `request_sha256`
+    /// is the sha256 of the request file's bytes, which is this for files written by `save`.
     pub fn sha256(&self) -> String {
-        super::sha256_hex(serde_json::to_string(self).expect("serializes").as_bytes())
+        super::sha256_hex(serde_json::to_string_pretty(self).expect("serializes").as_bytes())
     }
 }
 
