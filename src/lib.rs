@@ -6,6 +6,7 @@
 //! [`engine`].
 
 pub mod cli;
+pub mod engine;
 pub mod fixtures;
 pub mod metrics;
 pub mod protocol;

@@ -1,0 +1,40 @@
+//! Where the engine's weights come from: one trait, one implementation per file format.
+//!
+//! The architecture code asks for tensors by name in the *file's own* naming (HF names for
+//! safetensors, `blk.N.*` names for GGUF; see `model.rs` for the per-architecture role ->
+//! name tables) and always receives row-major f32 in PyTorch dimension order (`[out, in]`
+//! for a linear layer, `[E, out, in]` for stacked experts). Quantized storage is
+//! dequantized on load.
+
+use std::path::PathBuf;
+
+/// Why a weight could not be provided. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a valid {format} file: {message}", path.display())]
+    Format { path: PathBuf, format: &'static str, message: String },
+    #[error("{}: missing tensor `{tensor}` (architecture {architecture})", path.display())]
+    MissingTensor { path: PathBuf, tensor: String, architecture: String },
+    #[error("{}: tensor `{tensor}` has shape {got:?}, expected {expected:?}", path.display())]
+    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("{}: tensor `{tensor}` has unsupported type {dtype}", path.display())]
+    UnsupportedType { path: PathBuf, tensor: String, dtype: String },
+}
+
+/// A source of named weight tensors.
+pub trait WeightSource: Send + Sync {
+    /// The file (or directory) the weights come from, for messages and manifests.
+    fn path(&self) -> PathBuf;
+    /// `safetensors` or `gguf`.
+    fn format(&self) -> &'static str;
+    /// Shape in PyTorch order (row-major, last dimension contiguous), if the tensor exists.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Storage type as the file names it (`F32`, `BF16`, `Q4_K`, ...), if the tensor exists.
+    fn storage_type(&self, name: &str) -> Option<String>;
+    /// The tensor as row-major f32 in PyTorch order, dequantized if needed.
+    fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError>;
+    /// Every tensor name in the file.
+    fn names(&self) -> Vec<String>;
+}
