@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod exec;
 pub mod fixtures;
 pub mod metrics;
 pub mod protocol;
