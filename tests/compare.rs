@@ -523,3 +523,16 @@ fn unreadable_dumps_are_refused() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not a dump directory"), "{}", r.stderr);
 }
+
+#[test]
+fn a_negative_top_id_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let mut reference = prompt(0, 50);
+    reference.logits = None;
+    reference.hidden.insert("top_ids".into(), Tensor::i32(vec![4, 2], vec![1, 2, 3, 4, 5, -1, 7, 8]));
+    let a = write_dump(&t.path().join("a"), "engine", &["p0"], vec![prompt(0, 50)]);
+    let b = write_dump(&t.path().join("b"), "llama-server", &["p0"], vec![reference]);
+    let r = compare(&a, &b, &[]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("`top_ids`") && r.stderr.contains("entry [2][1] = -1 is not a token id"), "{}", r.stderr);
+}

@@ -391,20 +391,34 @@ pub fn row_metrics(a: &[f32], b: &[f32]) -> RowMetrics {
 }
 
 /// The top-k at one position from either side: computed from logits, or given by a
-/// top-k-only dump (`top_ids`, optional `top_probs`).
-#[derive(Debug, Clone, PartialEq)]
+/// top-k-only dump (`top_ids`, optional `top_probs`). Fixed size: no allocation per row.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RankedIds {
-    /// Descending; at most [`TOP_K`] are used.
-    pub ids: Vec<u32>,
+    /// Descending; the first `len` are valid (at most [`TOP_K`] are kept).
+    ids: [u32; TOP_K],
+    len: usize,
     /// `logit(top-1) − logit(top-2)`, when known: from logits, or `ln p₁ − ln p₂` from
     /// probabilities (softmax keeps logit differences).
     pub margin: Option<f64>,
 }
 
 impl RankedIds {
+    /// The first [`TOP_K`] of `ids` (descending) with the reference margin, if known.
+    pub fn new(ids: &[u32], margin: Option<f64>) -> RankedIds {
+        let len = ids.len().min(TOP_K);
+        let mut r = RankedIds { ids: [0; TOP_K], len, margin };
+        r.ids[..len].copy_from_slice(&ids[..len]);
+        r
+    }
     pub fn from_topk(t: &TopK) -> RankedIds {
         let margin = (t.len >= 2).then(|| f64::from(t.vals[0]) - f64::from(t.vals[1]));
-        RankedIds { ids: t.ids().to_vec(), margin }
+        RankedIds::new(t.ids(), margin)
+    }
+    pub fn ids(&self) -> &[u32] {
+        &self.ids[..self.len]
+    }
+    pub fn top1(&self) -> Option<u32> {
+        self.ids().first().copied()
     }
 }
 
@@ -424,18 +438,18 @@ pub struct TopkAgreement {
 /// reference's top-1/top-2 margin exceeds `tie_threshold` the top-1 must match; elsewhere
 /// the engine's top-1 must be among the reference's top-2.
 pub fn topk_agreement(a: &RankedIds, b: &RankedIds, tie_threshold: f64) -> TopkAgreement {
-    let top1 = matches!((a.ids.first(), b.ids.first()), (Some(x), Some(y)) if x == y);
-    let top1_margin_aware = match (b.margin, a.ids.first()) {
+    let top1 = matches!((a.top1(), b.top1()), (Some(x), Some(y)) if x == y);
+    let top1_margin_aware = match (b.margin, a.top1()) {
         (Some(m), Some(_)) if m > tie_threshold => Some(top1),
-        (Some(_), Some(x)) => Some(b.ids.iter().take(2).any(|y| y == x)),
+        (Some(_), Some(x)) => Some(b.ids().iter().take(2).any(|&y| y == x)),
         (Some(_), None) => Some(false),
         (None, _) => None,
     };
     TopkAgreement {
         top1,
         top1_margin_aware,
-        top5_overlap: overlap(&a.ids, &b.ids, 5),
-        top10_overlap: overlap(&a.ids, &b.ids, 10),
+        top5_overlap: overlap(a.ids(), b.ids(), 5),
+        top10_overlap: overlap(a.ids(), b.ids(), 10),
     }
 }
 
@@ -632,7 +646,7 @@ mod tests {
 
     #[test]
     fn agreement_rules() {
-        let r = |ids: &[u32], margin: Option<f64>| RankedIds { ids: ids.to_vec(), margin };
+        let r = RankedIds::new;
         let reference = r(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], Some(0.5));
         let same = topk_agreement(&reference, &reference, 1e-3);
         assert_eq!(same, TopkAgreement { top1: true, top1_margin_aware: Some(true), top5_overlap: Some(1.0), top10_overlap: Some(1.0) });

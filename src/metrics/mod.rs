@@ -432,27 +432,25 @@ fn rankings(
                 push_nonfinite(nonfinite, id, "top_probs", side, positions, per_row);
             }
             let mut out = Vec::with_capacity(positions.len());
+            let mut row_ids = Vec::with_capacity(k);
             for i in 0..positions.len() {
-                let row = &ids[i * k..(i + 1) * k];
-                let ids = row
-                    .iter()
-                    .enumerate()
-                    .map(|(col, &v)| {
-                        u32::try_from(v).map_err(|_| MetricsError::BadTokenId {
-                            prompt: id.into(),
-                            path: shard.path.clone(),
-                            tensor: "top_ids".into(),
-                            row: i,
-                            col,
-                            value: v,
-                        })
-                    })
-                    .collect::<Result<Vec<u32>, _>>()?;
+                row_ids.clear();
+                for (col, &v) in ids[i * k..(i + 1) * k].iter().enumerate() {
+                    let id = u32::try_from(v).map_err(|_| MetricsError::BadTokenId {
+                        prompt: id.into(),
+                        path: shard.path.clone(),
+                        tensor: "top_ids".into(),
+                        row: i,
+                        col,
+                        value: v,
+                    })?;
+                    row_ids.push(id);
+                }
                 let margin = match &probs {
                     Some(p) if k >= 2 => Some(f64::from(p[i * k]).ln() - f64::from(p[i * k + 1]).ln()),
                     _ => None,
                 };
-                out.push(RankedIds { ids, margin });
+                out.push(RankedIds::new(&row_ids, margin));
             }
             Ok(Some(out))
         }
@@ -476,7 +474,7 @@ fn push_nonfinite(
 
 fn topk_series(a: &[RankedIds], b: &[RankedIds], tie_threshold: f64) -> TopkSeries {
     let g: Vec<logits::TopkAgreement> = a.iter().zip(b).map(|(x, y)| logits::topk_agreement(x, y, tie_threshold)).collect();
-    let top1_id = |r: &RankedIds| r.ids.first().map_or(-1, |&x| i64::from(x));
+    let top1_id = |r: &RankedIds| r.top1().map_or(-1, i64::from);
     TopkSeries {
         engine_top1: a.iter().map(top1_id).collect(),
         reference_top1: b.iter().map(top1_id).collect(),
