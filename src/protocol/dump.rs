@@ -490,6 +490,33 @@ impl ShardTensors {
                 return Err(ProtocolError::Mismatch { path: path.clone(), message: format!("tensor `{name}` is not a known capture (hidden.{{capture}}.{{layer}})") });
             }
         }
+        self.validate_top_k(p)
+    }
+
+    /// Top-k-only dumps (PROTOCOL.md): `top_ids` I32 `[P, K]` and, where known, `top_probs`
+    /// float `[P, K]` of the same shape.
+    fn validate_top_k(&self, p: usize) -> Result<(), ProtocolError> {
+        let path = &self.path;
+        let ids = self.tensors.get("top_ids");
+        if let Some(e) = ids {
+            if e.shape.len() != 2 || e.shape[0] != p || e.shape[1] == 0 {
+                return Err(ProtocolError::Shape { path: path.clone(), tensor: "top_ids".into(), got: e.shape.clone(), expected: format!("[{p}, K] with K ≥ 1") });
+            }
+            if e.dtype != Dtype::I32 {
+                return Err(ProtocolError::Dtype { path: path.clone(), tensor: "top_ids".into(), got: e.dtype.name().into(), expected: "I32".into() });
+            }
+        }
+        if let Some(e) = self.tensors.get("top_probs") {
+            let Some(ids) = ids else {
+                return Err(ProtocolError::MissingTensor { path: path.clone(), tensor: "top_ids (top_probs needs the ids it belongs to)".into() });
+            };
+            if e.shape != ids.shape {
+                return Err(ProtocolError::Shape { path: path.clone(), tensor: "top_probs".into(), got: e.shape.clone(), expected: format!("{:?} (the shape of top_ids)", ids.shape) });
+            }
+            if !e.dtype.is_float() {
+                return Err(ProtocolError::Dtype { path: path.clone(), tensor: "top_probs".into(), got: e.dtype.name().into(), expected: "F32, F16 or BF16".into() });
+            }
+        }
         Ok(())
     }
 }
@@ -598,6 +625,37 @@ mod tests {
         assert!(e.contains("hidden.moe_topk_ids.2") && e.contains("I32"), "{e}");
         let e = dump.shard("zz").err().unwrap().to_string();
         assert!(e.contains("\"zz\""), "{e}");
+    }
+
+    #[test]
+    fn validates_top_k_tensors() {
+        let write = |extra: Vec<(&str, Tensor)>| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = DumpWriter::create(dir.path(), manifest(&["a"])).unwrap();
+            let mut s = shard(0, "a", 4);
+            s.logits = None;
+            for (name, t) in extra {
+                s.hidden.insert(name.into(), t);
+            }
+            w.write_prompt(s).unwrap();
+            w.finish().unwrap();
+            let r = Dump::open(dir.path()).unwrap().shard("a").map(|_| ()).map_err(|e| e.to_string());
+            (dir, r)
+        };
+        let ids = || Tensor::i32(vec![2, 3], vec![1, 2, 3, 4, 5, 6]);
+        let probs = |k: usize| Tensor::f32(vec![2, k], vec![0.1; 2 * k]);
+        assert!(write(vec![("top_ids", ids()), ("top_probs", probs(3))]).1.is_ok());
+        assert!(write(vec![("top_ids", ids())]).1.is_ok());
+        let e = write(vec![("top_ids", Tensor::f32(vec![2, 3], vec![0.0; 6]))]).1.unwrap_err();
+        assert!(e.contains("top_ids") && e.contains("I32"), "{e}");
+        let e = write(vec![("top_ids", Tensor::i32(vec![2], vec![1, 2]))]).1.unwrap_err();
+        assert!(e.contains("top_ids") && e.contains("[2, K]"), "{e}");
+        let e = write(vec![("top_ids", ids()), ("top_probs", probs(2))]).1.unwrap_err();
+        assert!(e.contains("top_probs") && e.contains("[2, 2]"), "{e}");
+        let e = write(vec![("top_ids", ids()), ("top_probs", Tensor::i32(vec![2, 3], vec![0; 6]))]).1.unwrap_err();
+        assert!(e.contains("top_probs") && e.contains("F32"), "{e}");
+        let e = write(vec![("top_probs", probs(3))]).1.unwrap_err();
+        assert!(e.contains("top_ids"), "{e}");
     }
 
     #[test]
