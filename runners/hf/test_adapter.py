@@ -6,6 +6,9 @@ adapter runs as a subprocess, and its dumps are checked against each other and a
 transformers called directly in this process.
 
     $PARITYBENCH_PYTHON -m pytest runners/hf/test_adapter.py -q
+
+PARITYBENCH_TEST_DEVICE=cuda runs the adapter on the GPU (transformers in this process, the
+yardstick, stays on the CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PROMPTS = [
     {"id": "short", "token_ids": [11, 2, 150, 99, 13], "positions": [1, 3, 4], "text": "w11 w2 w150 w99 w12"},
 ]
 DECODE = 5
+DEVICE = os.environ.get("PARITYBENCH_TEST_DEVICE", "cpu")
 
 torch.set_num_threads(1)
 
@@ -99,7 +103,7 @@ def write_request(path, model_dir, **over) -> str:
         "captures": {"points": ALL_POINTS, "layers": "all"},
         "decode_steps": DECODE,
         "mode": "prefill",
-        "device": "cpu",
+        "device": DEVICE,
         "dtype": "auto",
         "warmup": 0,
         "repeats": 1,
@@ -202,7 +206,12 @@ def test_manifest_is_complete(run, models, kind):
     assert m["schema"] == 1 and m["complete"] is True and "error" not in m
     e = m["engine"]
     assert e["name"] == "hf-transformers" and e["version"] == transformers.__version__
-    assert e["backend"] == "torch-sdpa" and e["device"] == "cpu" and e["device_name"]
+    assert e["backend"] == "torch-sdpa" and e["device_name"]
+    if DEVICE == "cpu":
+        assert e["device"] == "cpu" and "peak_gpu_bytes" not in m
+    else:
+        assert e["device"].startswith("cuda:") and e["driver"].startswith("CUDA ") and m["peak_gpu_bytes"] > 0
+        assert all(p["peak_gpu_bytes"] > 0 for p in m["prompts"])
     for lib in ("torch", "transformers", "python", "numpy", "safetensors"):
         assert e["versions"][lib], lib
     mod = m["model"]
