@@ -7,8 +7,8 @@ transformers called directly in this process.
 
     $PARITYBENCH_PYTHON -m pytest runners/hf/test_adapter.py -q
 
-PARITYBENCH_TEST_DEVICE=cuda runs the adapter on the GPU (transformers in this process, the
-yardstick, stays on the CPU).
+PARITYBENCH_TEST_DEVICE=cuda runs the adapter, and transformers called in this process as
+the yardstick, on the GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ DECODE = 5
 DEVICE = os.environ.get("PARITYBENCH_TEST_DEVICE", "cpu")
 
 torch.set_num_threads(1)
+# the yardstick computes as the adapter does: full fp32 matrix products, no TF32
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +155,15 @@ def run(models, tmp_path_factory):
 
 
 def hf_forward(model_dir: str, ids: list[int], attention="sdpa"):
-    """transformers called directly: (logits [T, V], hidden_states tuple of [T, H])."""
+    """transformers called directly, on the adapter's device (so that the comparison sees the
+    same kernels, not CPU-vs-GPU rounding): (logits [T, V], hidden_states list of [T, H])."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
-    model.eval()
+    model.to(DEVICE).eval()
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    return out.logits[0].numpy(), [h[0].numpy() for h in out.hidden_states]
+        out = model(input_ids=torch.tensor([ids], device=DEVICE), output_hidden_states=True)
+    return out.logits[0].cpu().numpy(), [h[0].cpu().numpy() for h in out.hidden_states]
 
 
 def rel(a, b) -> float:
