@@ -146,12 +146,22 @@ def load_request(path: str) -> Request:
         raise ProtocolError(f"{path}: invalid field `model`: needs a `path`")
     if not raw["prompts"]:
         raise ProtocolError(f"{path}: invalid field `prompts`: no prompts")
+    _check_fields(path, raw)
     req = Request(raw, path)
     seen = set()
     for i, p in enumerate(raw["prompts"]):
+        if not isinstance(p, dict):
+            raise ProtocolError(f"{path}: invalid field `prompts[{i}]`: a prompt is a JSON object")
+        unknown = set(p) - _PROMPT_KEYS
+        if unknown:
+            raise ProtocolError(f"{path}: unknown field(s) {sorted(f'prompts[{i}].{k}' for k in unknown)}")
+        if not isinstance(p.get("id"), str):
+            raise ProtocolError(f"{path}: invalid field `prompts[{i}].id`: needs a string, got {p.get('id')!r}")
         ids = p.get("token_ids")
-        if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+        if not isinstance(ids, list) or not ids or not all(_is_uint(t) for t in ids):
             raise ProtocolError(f"{path}: invalid field `prompts[{i}].token_ids`: needs non-negative integers")
+        if "positions" in p and not _is_positions(p["positions"]):
+            raise ProtocolError(f"{path}: invalid field `prompts[{i}].positions`: \"all\" or a list of non-negative integers")
         if p.get("id") in seen:
             raise ProtocolError(f"{path}: invalid field `prompts[{i}]`: duplicate prompt id {p.get('id')!r}")
         seen.add(p.get("id"))
@@ -162,6 +172,58 @@ def load_request(path: str) -> Request:
         if c not in CAPTURE_POINTS:
             raise ProtocolError(f"{path}: invalid field `captures.points`: unknown capture {c!r}")
     return req
+
+
+_MODEL_KEYS = {"path", "sha256", "format", "tokenizer"}
+_PROMPT_KEYS = {"id", "token_ids", "text", "chat", "positions"}
+_CAPTURE_KEYS = {"points", "layers"}
+DTYPES = ("auto", "f32", "f16", "bf16")
+
+
+def _is_uint(x: Any) -> bool:
+    # bool is an int subclass in Python; JSON true/false are not token ids
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_positions(x: Any) -> bool:
+    return x == "all" or (isinstance(x, list) and all(_is_uint(v) for v in x))
+
+
+def _check_fields(path: str, raw: dict) -> None:
+    """What the Rust side's serde types reject (deny_unknown_fields, u32, enums), so that a
+    request one side accepts the other accepts too."""
+    model = raw["model"]
+    if not isinstance(model.get("path"), str):
+        raise ProtocolError(f"{path}: invalid field `model.path`: needs a string")
+    unknown = set(model) - _MODEL_KEYS
+    if unknown:
+        raise ProtocolError(f"{path}: unknown field(s) {sorted('model.' + k for k in unknown)}")
+    if not isinstance(raw["prompts"], list):
+        raise ProtocolError(f"{path}: invalid field `prompts`: needs a list")
+    if "positions" in raw and not _is_positions(raw["positions"]):
+        raise ProtocolError(f"{path}: invalid field `positions`: \"all\" or a list of non-negative integers")
+    caps = raw.get("captures")
+    if caps is not None:
+        if not isinstance(caps, dict):
+            raise ProtocolError(f"{path}: invalid field `captures`: needs an object")
+        unknown = set(caps) - _CAPTURE_KEYS
+        if unknown:
+            raise ProtocolError(f"{path}: unknown field(s) {sorted('captures.' + k for k in unknown)}")
+        if not isinstance(caps.get("points", []), list):
+            raise ProtocolError(f"{path}: invalid field `captures.points`: needs a list")
+        if not _is_positions(caps.get("layers", "all")):
+            raise ProtocolError(f"{path}: invalid field `captures.layers`: \"all\" or a list of non-negative integers")
+    for key in ("decode_steps", "warmup"):
+        if key in raw and not _is_uint(raw[key]):
+            raise ProtocolError(f"{path}: invalid field `{key}`: {raw[key]!r} (a non-negative integer)")
+    if "repeats" in raw and not (_is_uint(raw["repeats"]) and raw["repeats"] >= 1):
+        raise ProtocolError(f"{path}: invalid field `repeats`: {raw['repeats']!r} (must be at least 1)")
+    if "dtype" in raw and raw["dtype"] not in DTYPES:
+        raise ProtocolError(f"{path}: invalid field `dtype`: {raw['dtype']!r} (one of {list(DTYPES)})")
+    if "device" in raw and not isinstance(raw["device"], str):
+        raise ProtocolError(f"{path}: invalid field `device`: needs a string such as \"cpu\" or \"cuda:0\"")
+    if "options" in raw and raw["options"] is not None and not isinstance(raw["options"], dict):
+        raise ProtocolError(f"{path}: invalid field `options`: needs an object")
 
 
 def utc_now() -> str:
