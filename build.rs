@@ -13,10 +13,10 @@ fn main() {
     if let Some(head) = git(&["rev-parse", "--git-path", "HEAD"]) {
         println!("cargo:rerun-if-changed={head}");
     }
-    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(p) = git(&["rev-parse", "--git-path", &reference]) {
-            println!("cargo:rerun-if-changed={p}");
-        }
+    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"])
+        && let Some(p) = git(&["rev-parse", "--git-path", &reference])
+    {
+        println!("cargo:rerun-if-changed={p}");
     }
     if let Some(sha) = git(&["rev-parse", "HEAD"]) {
         println!("cargo:rustc-env=PARITYBENCH_BUILD_GIT_SHA={sha}");

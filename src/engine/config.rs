@@ -150,7 +150,7 @@ impl ModelConfig {
         let head_dim = match head_dim {
             Some(d) => d,
             None => {
-                let d = if n_heads == 0 { 0 } else { hidden_size / n_heads };
+                let d = hidden_size.checked_div(n_heads).unwrap_or(0);
                 assumed.insert("head_dim".to_string(), d.to_string());
                 d
             }
@@ -199,7 +199,7 @@ impl ModelConfig {
         let head_dim = match j.usize("head_dim")? {
             Some(d) => d,
             None => {
-                let d = if n_heads == 0 { 0 } else { hidden_size / n_heads };
+                let d = hidden_size.checked_div(n_heads).unwrap_or(0);
                 assumed.insert("head_dim".into(), d.to_string());
                 d
             }
@@ -213,10 +213,10 @@ impl ModelConfig {
             assumed.insert("tie_word_embeddings".into(), "false".into());
             false
         });
-        if let Some(act) = j.str("hidden_act")? {
-            if act != "silu" {
-                return Err(ConfigError::Unsupported { path: path.to_path_buf(), feature: "hidden_act", detail: format!("`{act}`; only `silu` is implemented") });
-            }
+        if let Some(act) = j.str("hidden_act")?
+            && act != "silu"
+        {
+            return Err(ConfigError::Unsupported { path: path.to_path_buf(), feature: "hidden_act", detail: format!("`{act}`; only `silu` is implemented") });
         }
         refuse_sliding_window(&j)?;
         let (qkv_bias, o_bias) = match architecture {
@@ -254,7 +254,7 @@ impl ModelConfig {
     /// Whether decoder layer `i` routes through experts (HF's rule for Qwen3-MoE).
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         match &self.moe {
-            Some(m) => m.n_experts > 0 && !m.mlp_only_layers.contains(&i) && (i + 1) % m.decoder_sparse_step == 0,
+            Some(m) => m.n_experts > 0 && !m.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(m.decoder_sparse_step),
             None => false,
         }
     }
@@ -290,10 +290,10 @@ impl ModelConfig {
                 return Err(bad(field, "0".into(), "must be positive"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(bad("num_key_value_heads", self.n_kv_heads.to_string(), &format!("must divide num_attention_heads = {}", self.n_heads)));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", self.head_dim.to_string(), "must be even (RoPE rotates pairs)"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
@@ -328,10 +328,10 @@ impl ModelConfig {
 fn rope_theta(j: &JsonFields) -> Result<f64, ConfigError> {
     if let Some(params) = j.v.get("rope_parameters").filter(|p| !p.is_null()) {
         let sub = JsonFields { path: j.path, v: params };
-        if let Some(t) = sub.str("rope_type")? {
-            if t != "default" {
-                return Err(ConfigError::Unsupported { path: j.path.to_path_buf(), feature: "RoPE scaling", detail: format!("rope_parameters.rope_type = `{t}`; only `default`") });
-            }
+        if let Some(t) = sub.str("rope_type")?
+            && t != "default"
+        {
+            return Err(ConfigError::Unsupported { path: j.path.to_path_buf(), feature: "RoPE scaling", detail: format!("rope_parameters.rope_type = `{t}`; only `default`") });
         }
         if let Some(theta) = sub.f64("rope_theta")? {
             return Ok(theta);
