@@ -113,6 +113,22 @@ impl SafetensorsWeights {
     }
 }
 
+/// Drops the mapped pages of a tensor that has been copied out, so that loading a model
+/// peaks at its f32 copy plus one tensor rather than twice its size. Best effort: a failure
+/// only costs memory.
+fn release_pages(shard: &Shard, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: the mapping is a read-only view of a file that is not modified while the
+        // engine runs; MADV_DONTNEED only drops its resident pages, and any later read of
+        // the range (a neighbouring tensor sharing a page) faults the same bytes back in
+        // from the file. No reference into the mapping is written through.
+        let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (shard, offset, len);
+}
+
 /// The distinct shard files named by an index's `weight_map`, in first-seen order.
 fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightError> {
     let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io { path: index.to_path_buf(), source })?;
@@ -158,16 +174,20 @@ impl WeightSource for SafetensorsWeights {
         let e = self.entry(name)?;
         let shard = &self.shards[e.shard];
         let bytes = &shard.mmap[e.start..e.end];
-        match e.dtype {
-            safetensors::Dtype::F32 => Ok(bytemuck::pod_collect_to_vec::<u8, f32>(bytes)),
-            safetensors::Dtype::F16 => Ok(bytemuck::pod_collect_to_vec::<u8, f16>(bytes).iter().map(|x| x.to_f32()).collect()),
-            safetensors::Dtype::BF16 => Ok(bytemuck::pod_collect_to_vec::<u8, bf16>(bytes).iter().map(|x| x.to_f32()).collect()),
-            other => Err(WeightError::UnsupportedType {
-                path: shard.path.clone(),
-                tensor: name.to_string(),
-                dtype: format!("{other} (the engine reads F32, F16 and BF16 safetensors)"),
-            }),
-        }
+        let data = match e.dtype {
+            safetensors::Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
+            safetensors::Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes).iter().map(|x| x.to_f32()).collect(),
+            safetensors::Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
+            other => {
+                return Err(WeightError::UnsupportedType {
+                    path: shard.path.clone(),
+                    tensor: name.to_string(),
+                    dtype: format!("{other} (the engine reads F32, F16 and BF16 safetensors)"),
+                });
+            }
+        };
+        release_pages(shard, e.start, e.end - e.start);
+        Ok(data)
     }
 
     fn names(&self) -> Vec<String> {
@@ -204,6 +224,7 @@ mod tests {
         ]);
         let w = SafetensorsWeights::open(d.path()).unwrap();
         assert_eq!(w.load_f32("a").unwrap(), vec![1.0, 2.0]);
+        assert_eq!(w.load_f32("a").unwrap(), vec![1.0, 2.0], "released pages come back from the file");
         assert_eq!(w.load_f32("h").unwrap(), vec![1.5, -2.0]);
         assert_eq!(w.load_f32("b").unwrap(), vec![0.25, 3.0]);
         assert_eq!(w.shape("h"), Some(vec![2, 1]));
