@@ -16,6 +16,12 @@ use rayon::prelude::*;
 /// follows exactly this order, so a value does not depend on which kernel computed it.
 const LANES: usize = 16;
 
+/// Which dot-product implementation this CPU runs (`avx2+fma` or `portable`); both give
+/// the same bits, so this is provenance for timings only.
+pub fn simd_path() -> &'static str {
+    if has_fma() { "avx2+fma" } else { "portable" }
+}
+
 /// Whether the fused-multiply-add paths can run (checked once, cached by std).
 #[inline]
 fn has_fma() -> bool {
@@ -381,7 +387,7 @@ pub fn attention(out: &mut [f32], q: &[f32], k_cache: &[f32], v_cache: &[f32], s
     let hd = s.head_dim;
     let kv_dim = s.n_kv_heads * hd;
     let group = s.n_heads / s.n_kv_heads;
-    let scale = (hd as f32).powf(-0.5);
+    let scale = (hd as f64).powf(-0.5) as f32; // HF: a Python float, rounded to f32 once
     out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
         let (t, h) = (i / s.n_heads, i % s.n_heads);
         let kvh = h / group;

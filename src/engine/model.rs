@@ -524,7 +524,7 @@ fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut F
             routes[x].push((ti, wgt));
         }
     }
-    if io.plan.wants(CapturePoint::MoeTopkIds, layer) {
+    if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
         io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
     }
 
@@ -631,5 +631,160 @@ impl Scratch {
         ] {
             buf.resize(n, 0.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::engine::config::MoeConfig;
+
+    /// Tensors held in memory under a chosen format's names.
+    struct MemWeights {
+        format: &'static str,
+        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    }
+
+    impl WeightSource for MemWeights {
+        fn path(&self) -> PathBuf {
+            PathBuf::from(format!("mem.{}", self.format))
+        }
+        fn format(&self) -> &'static str {
+            self.format
+        }
+        fn shape(&self, name: &str) -> Option<Vec<usize>> {
+            self.tensors.get(name).map(|t| t.0.clone())
+        }
+        fn storage_type(&self, name: &str) -> Option<String> {
+            self.tensors.get(name).map(|_| "F32".into())
+        }
+        fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError> {
+            Ok(self.tensors[name].1.clone())
+        }
+        fn names(&self) -> Vec<String> {
+            self.tensors.keys().cloned().collect()
+        }
+    }
+
+    fn moe_config() -> ModelConfig {
+        let moe = MoeConfig { n_experts: 4, n_experts_per_tok: 2, expert_intermediate_size: 8, decoder_sparse_step: 1, mlp_only_layers: vec![0], norm_topk_prob: true };
+        ModelConfig::new(Path::new("mem"), Architecture::Qwen3Moe, 50, 16, 24, 2, 4, 2, Some(8), 1e-6, 1e6, false, Some(moe)).unwrap()
+    }
+
+    /// The same random weights under HF names (experts one by one) and GGUF names
+    /// (experts stacked `[E, out, in]`).
+    fn both_layouts(c: &ModelConfig) -> (MemWeights, MemWeights) {
+        let mut seed = 1u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
+                })
+                .collect()
+        };
+        let (mut hf, mut gg) = (BTreeMap::new(), BTreeMap::new());
+        macro_rules! put {
+            ($role:expr, $layer:expr, $shape:expr, $v:expr) => {{
+                let (shape, v): (Vec<usize>, Vec<f32>) = ($shape, $v);
+                hf.insert(NameTable::Hf.name($role, $layer), (shape.clone(), v.clone()));
+                gg.insert(NameTable::Gguf.name($role, $layer), (shape, v));
+            }};
+        }
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        put!(Role::TokenEmbd, 0, vec![v, h], rnd(v * h));
+        put!(Role::Output, 0, vec![v, h], rnd(v * h));
+        put!(Role::OutputNorm, 0, vec![h], rnd(h).iter().map(|x| 1.0 + x).collect());
+        for i in 0..c.n_layers {
+            put!(Role::AttnNorm, i, vec![h], rnd(h).iter().map(|x| 1.0 + x).collect());
+            put!(Role::FfnNorm, i, vec![h], rnd(h).iter().map(|x| 1.0 + x).collect());
+            put!(Role::AttnQ, i, vec![c.q_dim(), h], rnd(c.q_dim() * h));
+            put!(Role::AttnK, i, vec![c.kv_dim(), h], rnd(c.kv_dim() * h));
+            put!(Role::AttnV, i, vec![c.kv_dim(), h], rnd(c.kv_dim() * h));
+            put!(Role::AttnOut, i, vec![h, c.q_dim()], rnd(c.q_dim() * h));
+            put!(Role::AttnQNorm, i, vec![c.head_dim], rnd(c.head_dim).iter().map(|x| 1.0 + x).collect());
+            put!(Role::AttnKNorm, i, vec![c.head_dim], rnd(c.head_dim).iter().map(|x| 1.0 + x).collect());
+            if c.is_sparse_layer(i) {
+                let m = c.moe.as_ref().unwrap();
+                let (e, im) = (m.n_experts, m.expert_intermediate_size);
+                put!(Role::FfnRouter, i, vec![e, h], rnd(e * h));
+                for (role, out, inp) in [(Role::FfnGateExps, im, h), (Role::FfnUpExps, im, h), (Role::FfnDownExps, h, im)] {
+                    let all = rnd(e * out * inp);
+                    gg.insert(NameTable::Gguf.name(role, i), (vec![e, out, inp], all.clone()));
+                    for x in 0..e {
+                        hf.insert(NameTable::Hf.expert(role, i, x), (vec![out, inp], all[x * out * inp..(x + 1) * out * inp].to_vec()));
+                    }
+                }
+            } else {
+                put!(Role::FfnGate, i, vec![c.intermediate_size, h], rnd(c.intermediate_size * h));
+                put!(Role::FfnUp, i, vec![c.intermediate_size, h], rnd(c.intermediate_size * h));
+                put!(Role::FfnDown, i, vec![h, c.intermediate_size], rnd(c.intermediate_size * h));
+            }
+        }
+        (MemWeights { format: "safetensors", tensors: hf }, MemWeights { format: "gguf", tensors: gg })
+    }
+
+    fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+        let c = &model.config;
+        let mut cache = KvCache::new(c.n_layers, tokens.len(), c.kv_dim());
+        let mut sink = CaptureSink::new();
+        let mut out = Vec::new();
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        let plan = CapturePlan::none();
+        let mut io = ForwardIo { plan: &plan, capture_rows: &[], sink: &mut sink, logit_rows: &rows, logits: &mut out };
+        model.forward(tokens, &mut cache, &mut io, &mut Scratch::default()).unwrap();
+        out
+    }
+
+    #[test]
+    fn gguf_names_follow_llama_cpp() {
+        let g = NameTable::Gguf;
+        assert_eq!(g.name(Role::TokenEmbd, 0), "token_embd.weight");
+        assert_eq!(g.name(Role::AttnOut, 3), "blk.3.attn_output.weight");
+        assert_eq!(g.name(Role::AttnQBias, 3), "blk.3.attn_q.bias");
+        assert_eq!(g.name(Role::FfnRouter, 3), "blk.3.ffn_gate_inp.weight");
+        assert_eq!(g.name(Role::FfnDownExps, 3), "blk.3.ffn_down_exps.weight");
+        assert!(g.stacks_experts() && !NameTable::Hf.stacks_experts());
+        assert_eq!(NameTable::Hf.expert(Role::FfnUpExps, 2, 5), "model.layers.2.mlp.experts.5.up_proj.weight");
+    }
+
+    #[test]
+    fn stacked_and_per_expert_layouts_compute_the_same_bits() {
+        let c = moe_config();
+        let (hf, gg) = both_layouts(&c);
+        let a = Model::load(c.clone(), &hf).unwrap();
+        let b = Model::load(c, &gg).unwrap();
+        assert!(a.unused_tensors.is_empty() && b.unused_tensors.is_empty());
+        let tokens = [3, 1, 4, 1, 5, 9, 2, 6];
+        let (la, lb) = (logits(&a, &tokens), logits(&b, &tokens));
+        assert_eq!(la.len(), tokens.len() * 50);
+        assert!(la.iter().all(|x| x.is_finite()));
+        assert_eq!(la, lb);
+    }
+
+    #[test]
+    fn a_missing_stacked_expert_tensor_is_named() {
+        let c = moe_config();
+        let (_, mut gg) = both_layouts(&c);
+        gg.tensors.remove("blk.1.ffn_up_exps.weight");
+        let e = Model::load(c, &gg).err().unwrap().to_string();
+        assert!(e.contains("blk.1.ffn_up_exps.weight") && e.contains("mem.gguf") && e.contains("sparse MoE"), "{e}");
+    }
+
+    #[test]
+    fn a_token_outside_the_vocabulary_is_an_error_not_a_panic() {
+        let c = moe_config();
+        let (hf, _) = both_layouts(&c);
+        let m = Model::load(c, &hf).unwrap();
+        let mut cache = KvCache::new(2, 2, m.config.kv_dim());
+        let mut sink = CaptureSink::new();
+        let mut out = Vec::new();
+        let plan = CapturePlan::none();
+        let mut io = ForwardIo { plan: &plan, capture_rows: &[], sink: &mut sink, logit_rows: &[0], logits: &mut out };
+        let e = m.forward(&[50], &mut cache, &mut io, &mut Scratch::default()).unwrap_err().to_string();
+        assert!(e.contains("token id 50") && e.contains("V = 50"), "{e}");
     }
 }

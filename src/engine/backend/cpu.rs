@@ -52,7 +52,10 @@ impl Backend for CpuBackend {
     }
 
     fn details(&self) -> Vec<(String, String)> {
-        vec![("cpu_threads".to_string(), self.threads().to_string())]
+        vec![
+            ("cpu_threads".to_string(), self.threads().to_string()),
+            ("cpu_kernels".to_string(), crate::engine::kernels::simd_path().to_string()),
+        ]
     }
 
     fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache, io: &mut ForwardIo<'_>, scratch: &mut Scratch) -> Result<(), EngineError> {
