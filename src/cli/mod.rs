@@ -4,6 +4,7 @@
 //! error, printed with its cause chain, says why).
 
 mod compare;
+mod engine;
 mod fixtures;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ enum Command {
     /// Make or check the seeded models, GGUF files and reference dumps.
     #[command(subcommand)]
     Fixtures(fixtures::Command),
+    /// The built-in engine's adapter: `describe`, `run --request FILE --out DIR`.
+    #[command(subcommand)]
+    Engine(engine::Command),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -51,6 +55,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Compare(args) => compare::run(args),
         Command::Fixtures(cmd) => fixtures::run(cmd),
+        Command::Engine(cmd) => engine::run(cmd),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

@@ -1,0 +1,358 @@
+//! The protocol driver behind `runner engine run`: read the request, load the model, run
+//! every prompt in the requested mode, and write each prompt's shard as it finishes.
+//!
+//! Per prompt: `warmup` untimed runs, then `repeats` timed runs; the dump holds the outputs
+//! of the first timed run and the timings of all. A run is the prompt (one forward pass in
+//! `prefill` mode, one per token through the KV cache in `incremental` mode) followed by
+//! `decode_steps` greedy tokens. Timings: `prefill_ms` covers the prompt, `ttft_ms` the
+//! prompt plus choosing the first token, `decode_ms` the forward passes of the remaining
+//! `decode_steps - 1` tokens (`decode_tokens` counts those passes, so
+//! `decode_tokens / decode_ms` is the decode rate).
+//!
+//! Errors before the dump directory exists (bad request, unknown device, model that cannot
+//! be loaded) leave no dump; errors after it are recorded in the manifest, which keeps
+//! every finished prompt.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::protocol::{
+    CaptureRecord, ComputeDtype, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, PromptShard, Request,
+    Tensor, Timings, TokenizerInfo, SCHEMA_VERSION,
+};
+
+use super::backend::{self, Backend, Device};
+use super::captures::{CapturePlan, CaptureSink};
+use super::config::ModelConfig;
+use super::kernels;
+use super::kv_cache::KvCache;
+use super::model::{ForwardIo, Model, Scratch};
+use super::safetensors::SafetensorsWeights;
+use super::tokenizer::Tokenizer;
+use super::weights::WeightSource;
+use super::{EngineError, ENGINE_NAME};
+
+/// Model file formats this build reads.
+pub const FORMATS: &[&str] = &["safetensors"];
+
+/// The engine's version (the crate's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git sha of the engine: `PARITYBENCH_GIT_SHA` at run time, else the commit the
+/// binary was built from (recorded by build.rs), if known.
+pub fn git_sha() -> Option<String> {
+    std::env::var("PARITYBENCH_GIT_SHA")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| option_env!("PARITYBENCH_BUILD_GIT_SHA").map(str::to_string))
+        .filter(|s| !s.is_empty())
+}
+
+/// Runs the request at `request_path` and writes the dump to `out`. `command` is recorded
+/// in the manifest.
+pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Manifest, EngineError> {
+    let req = Request::load(request_path)?;
+    let request_bytes = std::fs::read(request_path)
+        .map_err(|source| crate::protocol::ProtocolError::Io { path: request_path.to_path_buf(), source })?;
+    let device = Device::parse(&req.device)?;
+    let threads = threads_option(&req)?;
+    let backend = backend::open(device, threads)?;
+    if !matches!(req.dtype, ComputeDtype::Auto | ComputeDtype::F32) {
+        return Err(EngineError::UnsupportedDtype { dtype: req.dtype.as_str().to_string(), backend: backend.name().to_string() });
+    }
+
+    let t_load = Instant::now();
+    let loaded = load_model(&req.model)?;
+    let load_ms = ms(t_load);
+    let tokenizer = match Tokenizer::locate(&req.model.path, req.model.tokenizer.as_deref()) {
+        Some(p) => Some(Tokenizer::open(&p)?),
+        None => None,
+    };
+    let model = &loaded.model;
+    let (plan, points, layers, absent) = CapturePlan::resolve(&req.captures, &model.config);
+
+    let mut versions = BTreeMap::new();
+    for (k, v) in backend.details() {
+        versions.insert(k, v);
+    }
+    let manifest = Manifest {
+        schema: SCHEMA_VERSION,
+        complete: false,
+        engine: EngineInfo {
+            name: ENGINE_NAME.to_string(),
+            version: VERSION.to_string(),
+            git_sha: git_sha(),
+            backend: backend.name().to_string(),
+            device: backend.device(),
+            device_name: backend.device_name(),
+            driver: None,
+            versions,
+        },
+        model: ModelInfo {
+            path: req.model.path.display().to_string(),
+            sha256: req.model.sha256.clone(),
+            format: loaded.format.to_string(),
+            quant: loaded.quant.clone(),
+            compute_dtype: "f32".to_string(),
+            architecture: Some(model.config.architecture.as_str().to_string()),
+            n_layers: Some(model.config.n_layers as u32),
+            vocab_size: Some(model.config.vocab_size as u32),
+            assumed: model.config.assumed.clone(),
+        },
+        tokenizer: TokenizerInfo { sha256: tokenizer.as_ref().map(|t| t.sha256().to_string()), add_bos: false },
+        mode: req.mode,
+        request_sha256: crate::protocol::sha256_hex(&request_bytes),
+        prompt_ids: req.prompts.iter().map(|p| p.id.clone()).collect(),
+        prompts: Vec::new(),
+        captures: CaptureRecord { points, layers, absent },
+        load_ms: Some(load_ms),
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: None,
+        command,
+        created_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        error: None,
+        extra: Default::default(),
+    };
+    let mut writer = DumpWriter::create(out, manifest)?;
+    let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer.as_ref(), &mut writer);
+    match result {
+        Ok(()) => {
+            writer.manifest_mut().peak_rss_bytes = peak_rss_bytes();
+            Ok(writer.finish()?)
+        }
+        Err(e) => {
+            writer.fail(e.to_string())?;
+            Err(e)
+        }
+    }
+}
+
+/// `options.threads`: CPU worker threads.
+fn threads_option(req: &Request) -> Result<Option<usize>, EngineError> {
+    match req.options.get("threads") {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n > 0 => Ok(Some(n as usize)),
+            _ => Err(EngineError::BadOption { option: "threads".into(), value: v.to_string(), message: "must be a positive integer".into() }),
+        },
+    }
+}
+
+/// A model ready to run, with what the manifest says about its file.
+pub struct LoadedModel {
+    pub model: Model,
+    pub format: &'static str,
+    /// Storage type(s) of the weights, e.g. `f32`, `bf16`.
+    pub quant: String,
+}
+
+/// Opens the checkpoint a request names and builds the model. The format is the request's
+/// `format`, else inferred from the path (a directory or `.safetensors`: safetensors).
+pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
+    let path = &m.path;
+    let format = match m.format.as_deref() {
+        Some(f) => f.to_string(),
+        None if path.is_dir() || path.extension().is_some_and(|e| e == "safetensors") => "safetensors".to_string(),
+        None if path.extension().is_some_and(|e| e == "gguf") => "gguf".to_string(),
+        None => {
+            if !path.exists() {
+                return Err(crate::protocol::ProtocolError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "model path does not exist"),
+                }
+                .into());
+            }
+            "unknown".to_string()
+        }
+    };
+    match format.as_str() {
+        "safetensors" => {
+            let weights = SafetensorsWeights::open(path)?;
+            let dir = if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
+            let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+            let quant = storage_summary(&weights);
+            let model = Model::load(config, &weights)?;
+            Ok(LoadedModel { model, format: "safetensors", quant })
+        }
+        _ => Err(EngineError::UnsupportedFormat { path: path.clone(), format }),
+    }
+}
+
+/// The storage types of a file's tensors, lower-case: `f32`, or `bf16+f32` when mixed.
+fn storage_summary(w: &dyn WeightSource) -> String {
+    let types: std::collections::BTreeSet<String> = w.names().iter().filter_map(|n| w.storage_type(n)).map(|t| t.to_lowercase()).collect();
+    types.into_iter().collect::<Vec<_>>().join("+")
+}
+
+fn run_prompts(
+    req: &Request,
+    model: &Model,
+    backend: &dyn Backend,
+    plan: &CapturePlan,
+    tokenizer: Option<&Tokenizer>,
+    writer: &mut DumpWriter,
+) -> Result<(), EngineError> {
+    let vocab = model.config.vocab_size;
+    for p in &req.prompts {
+        if let Some((position, &id)) = p.token_ids.iter().enumerate().find(|&(_, &id)| id < 0 || id as usize >= vocab) {
+            return Err(EngineError::PromptTokenOutOfVocab { prompt: p.id.clone(), position, id: id as i64, vocab });
+        }
+    }
+    for (index, p) in req.prompts.iter().enumerate() {
+        let tokens: Vec<u32> = p.token_ids.iter().map(|&t| t as u32).collect();
+        let positions: Vec<usize> = req.positions_of(index).iter().map(|&x| x as usize).collect();
+        let job = PromptJob { tokens: &tokens, positions: &positions, decode_steps: req.decode_steps as usize, mode: req.mode };
+        let mut timings = Timings { prefill_tokens: tokens.len() as u32, decode_tokens: req.decode_steps.saturating_sub(1), ..Default::default() };
+        let mut kept: Option<RunOutput> = None;
+        let mut state = PromptState::new(model, &job);
+        for run in 0..req.warmup + req.repeats {
+            let out = run_once(model, backend, plan, &job, &mut state)?;
+            if run >= req.warmup {
+                timings.prefill_ms.push(out.prefill_ms);
+                timings.decode_ms.push(out.decode_ms);
+                if let Some(t) = out.ttft_ms {
+                    timings.ttft_ms.push(t);
+                }
+                if kept.is_none() {
+                    kept = Some(out);
+                }
+            }
+        }
+        let out = kept.expect("repeats >= 1 is validated with the request");
+        let tokenizer_match = match (tokenizer, &p.text) {
+            (Some(t), Some(text)) if !p.chat => Some(t.encode(&p.id, text)? == tokens),
+            _ => None,
+        };
+        let shard = PromptShard {
+            index: index as u32,
+            id: p.id.clone(),
+            token_ids: p.token_ids.clone(),
+            positions: positions.iter().map(|&x| x as i32).collect(),
+            logits: Some(Tensor::f32(vec![positions.len(), vocab], out.logits)),
+            generated: out.generated.iter().map(|&g| g as i32).collect(),
+            hidden: out.captures,
+            timings,
+            tokenizer_match,
+            peak_rss_bytes: peak_rss_bytes(),
+            peak_gpu_bytes: None,
+        };
+        writer.write_prompt(shard)?;
+        tracing::info!(prompt = %p.id, tokens = tokens.len(), "prompt finished");
+    }
+    Ok(())
+}
+
+/// What one prompt asks for.
+struct PromptJob<'a> {
+    tokens: &'a [u32],
+    /// Scored positions, ascending.
+    positions: &'a [usize],
+    decode_steps: usize,
+    mode: Mode,
+}
+
+/// Buffers a prompt reuses across its runs.
+struct PromptState {
+    cache: KvCache,
+    scratch: Scratch,
+    sink: CaptureSink,
+    /// `[rows, V]` logits of the last forward call
+    call_logits: Vec<f32>,
+}
+
+impl PromptState {
+    fn new(model: &Model, job: &PromptJob) -> PromptState {
+        let c = &model.config;
+        // The last generated token is never fed back, so the cache needs T + N - 1 slots.
+        let capacity = job.tokens.len() + job.decode_steps.saturating_sub(1);
+        PromptState { cache: KvCache::new(c.n_layers, capacity, c.kv_dim()), scratch: Scratch::default(), sink: CaptureSink::new(), call_logits: Vec::new() }
+    }
+}
+
+/// Outputs and timings of one run of a prompt.
+struct RunOutput {
+    /// `[P, V]`
+    logits: Vec<f32>,
+    generated: Vec<u32>,
+    captures: BTreeMap<String, Tensor>,
+    prefill_ms: f64,
+    decode_ms: f64,
+    ttft_ms: Option<f64>,
+}
+
+fn run_once(model: &Model, backend: &dyn Backend, plan: &CapturePlan, job: &PromptJob, st: &mut PromptState) -> Result<RunOutput, EngineError> {
+    let v = model.config.vocab_size;
+    let t = job.tokens.len();
+    st.cache.clear();
+    st.sink.clear();
+    let mut logits = Vec::with_capacity(job.positions.len() * v); // [P, V]
+    let mut last = vec![0.0f32; if job.decode_steps > 0 { v } else { 0 }]; // [V] logits of the last prompt token
+    let t0 = Instant::now();
+
+    // The prompt.
+    match job.mode {
+        Mode::Prefill => {
+            let mut logit_rows = job.positions.to_vec();
+            if job.decode_steps > 0 && logit_rows.last() != Some(&(t - 1)) {
+                logit_rows.push(t - 1);
+            }
+            let mut io = ForwardIo { plan, capture_rows: job.positions, sink: &mut st.sink, logit_rows: &logit_rows, logits: &mut st.call_logits };
+            backend.forward(model, job.tokens, &mut st.cache, &mut io, &mut st.scratch)?;
+            logits.extend_from_slice(&st.call_logits[..job.positions.len() * v]);
+            if job.decode_steps > 0 {
+                let r = logit_rows.len() - 1;
+                last.copy_from_slice(&st.call_logits[r * v..(r + 1) * v]);
+            }
+        }
+        Mode::Incremental => {
+            let mut scored = job.positions.iter().peekable();
+            for (p, &tok) in job.tokens.iter().enumerate() {
+                let is_scored = scored.next_if(|&&x| x == p).is_some();
+                let need_logits = is_scored || (p == t - 1 && job.decode_steps > 0);
+                let rows: &[usize] = if is_scored { &[0] } else { &[] };
+                let logit_rows: &[usize] = if need_logits { &[0] } else { &[] };
+                let mut io = ForwardIo { plan, capture_rows: rows, sink: &mut st.sink, logit_rows, logits: &mut st.call_logits };
+                backend.forward(model, &[tok], &mut st.cache, &mut io, &mut st.scratch)?;
+                if is_scored {
+                    logits.extend_from_slice(&st.call_logits[..v]);
+                }
+                if p == t - 1 && job.decode_steps > 0 {
+                    last.copy_from_slice(&st.call_logits[..v]);
+                }
+            }
+        }
+    }
+    let prefill_ms = ms(t0);
+
+    // Greedy decoding.
+    let mut generated = Vec::with_capacity(job.decode_steps);
+    let mut ttft_ms = None;
+    let mut decode_ms = 0.0;
+    if job.decode_steps > 0 {
+        generated.push(kernels::argmax(&last) as u32);
+        ttft_ms = Some(ms(t0));
+        let t1 = Instant::now();
+        let none = CapturePlan::none();
+        for _ in 1..job.decode_steps {
+            let tok = *generated.last().expect("one token was pushed above");
+            let mut io = ForwardIo { plan: &none, capture_rows: &[], sink: &mut st.sink, logit_rows: &[0], logits: &mut st.call_logits };
+            backend.forward(model, &[tok], &mut st.cache, &mut io, &mut st.scratch)?;
+            generated.push(kernels::argmax(&st.call_logits[..v]) as u32);
+        }
+        decode_ms = ms(t1);
+    }
+    Ok(RunOutput { logits, generated, captures: st.sink.take(), prefill_ms, decode_ms, ttft_ms })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Peak resident set size of this process (`VmHWM` in /proc/self/status), Linux only.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,234 @@
+//! `runner engine describe | run` end to end on tiny checkpoints written from Rust:
+//! determinism across thread counts, what the manifest records, and every kind of bad
+//! input giving a clear error and exit code 2 (never a panic).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use paritybench::protocol::{CapturePoint, ComputeDtype, Dump, Layers, Mode, Positions, Request};
+use support::*;
+
+fn prompts() -> Vec<(&'static str, Vec<i32>)> {
+    vec![("a", vec![3, 14, 15, 92, 65, 35, 89, 79, 32, 38]), ("b", vec![2, 71, 82, 81, 82, 84])]
+}
+
+fn run_ok(req: &Request, dir: &Path, env: &[(&str, &str)]) -> Dump {
+    let rp = dir.join("req.json");
+    req.save(&rp).unwrap();
+    let out = dir.join("dump");
+    let o = engine_run(&rp, &out, env);
+    assert!(o.status.success(), "engine failed: {}", stderr(&o));
+    Dump::open_complete(&out).unwrap()
+}
+
+/// Runs a request that must fail; returns stderr after checking exit code 2 and no panic.
+fn run_err(req: &Request, dir: &Path) -> String {
+    let rp = dir.join("req.json");
+    req.save(&rp).unwrap();
+    let o = engine_run(&rp, &dir.join("dump"), &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, got {:?}: {e}", o.status.code());
+    assert!(!e.contains("panicked"), "the engine panicked: {e}");
+    e
+}
+
+#[test]
+fn describe_lists_the_engine() {
+    let o = runner().args(["engine", "describe"]).output().unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["name"], "paritybench-engine");
+    assert_eq!(v["backends"], serde_json::json!(["cpu"]));
+    assert!(v["formats"].as_array().unwrap().contains(&"safetensors".into()));
+    assert_eq!(v["architectures"], serde_json::json!(["qwen2", "qwen3", "qwen3_moe"]));
+    assert_eq!(v["capabilities"]["captures"].as_array().unwrap().len(), CapturePoint::ALL.len());
+}
+
+#[test]
+fn dumps_are_bit_identical_for_one_and_two_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("moe");
+    tiny_checkpoint(&m, "qwen3_moe");
+    let req = request(&m, &prompts(), Mode::Prefill, 4);
+    let (d1, d2) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let a = run_ok(&req, &d1, &[("RAYON_NUM_THREADS", "1")]);
+    let b = run_ok(&req, &d2, &[("RAYON_NUM_THREADS", "2")]);
+    assert_eq!(a.manifest.engine.versions["cpu_threads"], "1");
+    assert_eq!(b.manifest.engine.versions["cpu_threads"], "2");
+    for (pa, pb) in a.manifest.prompts.iter().zip(&b.manifest.prompts) {
+        assert_eq!(pa.sha256, pb.sha256, "prompt {}: shards differ between 1 and 2 threads", pa.id);
+    }
+    assert_eq!(a.manifest.prompts.len(), 2);
+}
+
+#[test]
+fn incremental_mode_agrees_with_prefill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("dense");
+    tiny_checkpoint(&m, "qwen3");
+    let (dp, di) = (tmp.path().join("p"), tmp.path().join("i"));
+    std::fs::create_dir_all(&dp).unwrap();
+    std::fs::create_dir_all(&di).unwrap();
+    let p = run_ok(&request(&m, &prompts(), Mode::Prefill, 3), &dp, &[]);
+    let i = run_ok(&request(&m, &prompts(), Mode::Incremental, 3), &di, &[]);
+    for id in ["a", "b"] {
+        let (sp, si) = (p.shard(id).unwrap(), i.shard(id).unwrap());
+        let e = rel_l2(&si.logits().unwrap().to_f32(), &sp.logits().unwrap().to_f32());
+        assert!(e <= 1e-6, "prompt {id}: incremental vs prefill logits rel L2 {e:.3e}");
+        assert_eq!(&*sp.generated().unwrap(), &*si.generated().unwrap());
+        for (_, _, name) in sp.captures() {
+            let e = rel_l2(&si.get(&name).unwrap().to_f32(), &sp.get(&name).unwrap().to_f32());
+            assert!(e <= 1e-6, "prompt {id} {name}: rel L2 {e:.3e}");
+        }
+    }
+}
+
+#[test]
+fn the_manifest_records_what_was_asked_and_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("dense");
+    tiny_checkpoint(&m, "qwen3");
+    let mut req = request(&m, &prompts(), Mode::Prefill, 3);
+    req.positions = Positions::List(vec![1, 4, 5]);
+    req.captures.points = vec![CapturePoint::Embed, CapturePoint::AttnOut, CapturePoint::MoeRouter, CapturePoint::FinalNorm];
+    req.captures.layers = Layers::List(vec![2]);
+    req.warmup = 1;
+    req.repeats = 3;
+    let d = run_ok(&req, tmp.path(), &[]);
+    let man = &d.manifest;
+    assert_eq!(man.engine.name, "paritybench-engine");
+    assert_eq!((man.engine.backend.as_str(), man.engine.device.as_str()), ("cpu", "cpu"));
+    assert_eq!(man.model.architecture.as_deref(), Some("qwen3"));
+    assert_eq!((man.model.format.as_str(), man.model.quant.as_str(), man.model.compute_dtype.as_str()), ("safetensors", "f32", "f32"));
+    assert_eq!(man.model.vocab_size, Some(TINY_V as u32));
+    assert!(man.load_ms.is_some() && man.peak_rss_bytes.unwrap() > 0);
+    assert!(man.captures.absent["moe_router"].contains("no MoE layers"));
+    assert_eq!(man.captures.points, vec![CapturePoint::Embed, CapturePoint::AttnOut, CapturePoint::FinalNorm]);
+    let rec = man.prompt("a").unwrap();
+    assert_eq!((rec.timings.prefill_ms.len(), rec.timings.decode_ms.len(), rec.timings.ttft_ms.len()), (3, 3, 3));
+    assert_eq!((rec.timings.prefill_tokens, rec.timings.decode_tokens), (10, 2));
+    let s = d.shard("a").unwrap();
+    assert_eq!(&*s.positions().unwrap(), &[1, 4, 5]);
+    assert_eq!(s.logits().unwrap().shape, &[3, TINY_V]);
+    assert_eq!(s.generated().unwrap().len(), 3);
+    let names: Vec<String> = s.captures().into_iter().map(|c| c.2).collect();
+    assert_eq!(names, vec!["hidden.attn_out.2", "hidden.embed.0", "hidden.final_norm.0"]);
+    assert_eq!(s.get("hidden.attn_out.2").unwrap().shape, &[3, TINY_H]);
+}
+
+// ---- bad input: each a clear error naming what is wrong, exit 2, no panic ----
+
+fn model_with(dir: &Path, arch: &str, edit_config: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let m = dir.join("model");
+    tiny_checkpoint(&m, arch);
+    let p = m.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit_config(&mut c);
+    std::fs::write(&p, c.to_string()).unwrap();
+    m
+}
+
+#[test]
+fn an_unknown_architecture_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |c| c["model_type"] = "llama".into());
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("unknown architecture `llama`") && e.contains("config.json") && e.contains("qwen3_moe"), "{e}");
+}
+
+#[test]
+fn a_missing_tensor_names_tensor_file_and_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |_| {});
+    let f = m.join("model.safetensors");
+    let mut t = read_safetensors(&f);
+    t.remove("model.layers.1.self_attn.k_norm.weight");
+    write_safetensors(&f, &t, &BTreeMap::new());
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.layers.1.self_attn.k_norm.weight") && e.contains("model.safetensors") && e.contains("qwen3"), "{e}");
+}
+
+#[test]
+fn a_sparse_layer_never_falls_back_to_a_dense_mlp_and_vice_versa() {
+    // The file has a dense MLP in layer 0; the config now says layer 0 is sparse.
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3_moe", |c| c["mlp_only_layers"] = serde_json::json!([]));
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.layers.0.mlp.gate.weight") && e.contains("sparse MoE layer") && e.contains("qwen3_moe"), "{e}");
+    // The file has experts in layer 1; the config now says layer 1 is dense.
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3_moe", |c| c["mlp_only_layers"] = serde_json::json!([0, 1]));
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.layers.1.mlp.gate_proj.weight") && e.contains("dense layer"), "{e}");
+}
+
+#[test]
+fn a_wrong_shape_names_tensor_and_both_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |c| c["intermediate_size"] = 50.into());
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[48, 32]") && e.contains("[50, 32]"), "{e}");
+}
+
+#[test]
+fn a_truncated_checkpoint_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |_| {});
+    let f = m.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn an_unsupported_dtype_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |_| {});
+    let f = m.join("model.safetensors");
+    let t = read_safetensors(&f);
+    write_safetensors(&f, &t, &BTreeMap::from([("model.norm.weight".to_string(), ())]));
+    let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("model.norm.weight") && e.contains("F64"), "{e}");
+}
+
+#[test]
+fn a_token_id_outside_the_vocabulary_names_prompt_position_and_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |_| {});
+    let mut p = prompts();
+    p[1].1[3] = TINY_V as i32;
+    let e = run_err(&request(&m, &p, Mode::Incremental, 0), tmp.path());
+    assert!(e.contains("prompt \"b\"") && e.contains("position 3") && e.contains(&format!("token id {TINY_V}")), "{e}");
+    // the dump directory records the error and is not complete
+    let d = Dump::open(&tmp.path().join("dump")).unwrap();
+    assert!(!d.manifest.complete && d.manifest.error.as_deref().unwrap().contains("position 3"));
+}
+
+#[test]
+fn cuda_and_half_precision_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with(tmp.path(), "qwen3", |_| {});
+    let mut req = request(&m, &prompts(), Mode::Prefill, 0);
+    req.device = "cuda:0".into();
+    let e = run_err(&req, tmp.path());
+    assert!(e.contains("cuda:0") && e.contains("CUDA backend is not in this build"), "{e}");
+    req.device = "cpu".into();
+    req.dtype = ComputeDtype::Bf16;
+    let e = run_err(&req, tmp.path());
+    assert!(e.contains("bf16") && e.contains("f32"), "{e}");
+}
+
+#[test]
+fn a_missing_request_or_model_directory_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = engine_run(&tmp.path().join("nope.json"), &tmp.path().join("d"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nope.json"), "{}", stderr(&o));
+    let e = run_err(&request(&tmp.path().join("no-model"), &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("no-model"), "{e}");
+}
