@@ -6,7 +6,9 @@
 //! [`engine`].
 
 pub mod cli;
+pub mod contracts;
 pub mod engine;
 pub mod fixtures;
 pub mod metrics;
 pub mod protocol;
+pub mod store;
