@@ -146,7 +146,7 @@ CREATE TABLE verdicts (
     gate_id           TEXT    NOT NULL,
     metric            TEXT    NOT NULL,
     reduction         TEXT    NOT NULL,
-    comparison        TEXT    NOT NULL,
+    comparison        TEXT    NOT NULL CHECK (comparison IN ('>', '>=', '<', '<=', '==')),
     threshold         REAL,
     floor             REAL,
     observed          REAL,

@@ -227,13 +227,15 @@ impl<'de> Deserialize<'de> for Comparison {
     }
 }
 
-/// The candidate with the smallest edit distance to `s` (ties: the first in order).
+/// The candidate most similar to `s` by Jaro-Winkler similarity, which favours a shared
+/// prefix (`wilson` -> `wilson_lower`, where edit distance would pick `min`); ties: the
+/// first in order.
 fn closest_name<'a>(s: &str, candidates: impl Iterator<Item = &'a str>) -> &'a str {
-    let mut best = ("", usize::MAX);
+    let mut best = ("", f64::NEG_INFINITY);
     for c in candidates {
-        let d = strsim::damerau_levenshtein(s, c);
-        if d < best.1 {
-            best = (c, d);
+        let sim = strsim::jaro_winkler(s, c);
+        if sim > best.1 {
+            best = (c, sim);
         }
     }
     best.0
@@ -265,5 +267,10 @@ mod tests {
         assert_eq!(Metric::closest("layer_rel_l2"), "layer.rel_l2");
         assert_eq!(Reduction::closest("p90"), "p99");
         assert_eq!(Reduction::closest("wilson"), "wilson_lower");
+        assert_eq!(Metric::closest("top_1"), "top1");
+        assert_eq!(Metric::closest("kl_divergence"), "kld");
+        assert_eq!(Metric::closest("decode_tps"), "decode_tok_s");
+        assert_eq!(Severity::closest("warn"), "warning");
+        assert_eq!(Comparison::closest("=>"), ">=");
     }
 }

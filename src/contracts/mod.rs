@@ -172,7 +172,7 @@ pub enum ContractError {
         suggestion: &'static str,
     },
     #[error("{}: gate `{gate}`: scope.{field}: invalid pattern `{pattern}`: {source}", path.display())]
-    BadPattern { path: PathBuf, gate: String, field: &'static str, pattern: String, source: globset::Error },
+    BadPattern { path: PathBuf, gate: String, field: &'static str, pattern: String, source: Box<globset::Error> },
     #[error("{}: gate `{gate}`: {field} must be a finite number{}, got {value}",
         path.display(), if *positive { " above 0" } else { "" })]
     BadNumber { path: PathBuf, gate: String, field: &'static str, value: f64, positive: bool },

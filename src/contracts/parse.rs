@@ -271,7 +271,7 @@ fn gate(raw: RawGate, text: &str, source: &Path) -> Result<Gate, ContractError> 
                 gate: raw.id.clone(),
                 field,
                 pattern: p.clone(),
-                source,
+                source: Box::new(source),
             })
         })
         .transpose()

@@ -4,10 +4,11 @@
 //! `FOR UPDATE SKIP LOCKED`, so concurrent workers never claim the same job and never wait
 //! on each other's claims.
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::common::{impl_store, migrator};
 use super::{Backend, StoreError, query_err, redact};
@@ -28,12 +29,17 @@ impl PgStore {
     /// Connects to `postgres://…` and migrates.
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
         let shown = redact(url);
+        let connect_err = |source| StoreError::Connect { url: shown.clone(), source };
+        let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
+        // One direct connection first: the pool retries a refused connection until its
+        // acquire timeout, and a mistyped --db should fail at once.
+        PgConnection::connect_with(&options).await.map_err(connect_err)?.close().await.map_err(connect_err)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|source| StoreError::Connect { url: shown.clone(), source })?;
+            .map_err(connect_err)?;
         migrator(MIGRATIONS)
             .run(&pool)
             .await
