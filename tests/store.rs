@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use paritybench::contracts::{Contract, ContractRef, Metric, Outcome, Severity, Subject};
 use paritybench::store::{
-    self, Backend, CommitSha, DeviceFingerprint, EngineId, Enqueued, JobStatus, LayerParity,
-    Measurement, NewCommit, NewJob, NewRun, RunResults, RunStatus, SeriesSubject, Store,
-    StoreError, StoredVerdict, Trigger,
+    self, Backend, CommitSha, DeviceFingerprint, EngineId, Enqueued, JobStatus, LayerParity, Measurement,
+    NewCommit, NewJob, NewRun, RunResults, RunStatus, SeriesSubject, Store, StoreError, StoredVerdict,
+    Trigger,
 };
 
 // ------------------------------------------------------------------------- harness
@@ -32,6 +32,10 @@ fn pg_url() -> Option<String> {
 /// A fresh, migrated PostgreSQL database named after the case (dropped first if a previous
 /// run left it).
 async fn fresh_pg(case: &str) -> Option<Arc<dyn Store>> {
+    fresh_pg_url(case).await.map(|(store, _)| store)
+}
+
+async fn fresh_pg_url(case: &str) -> Option<(Arc<dyn Store>, String)> {
     let base = pg_url()?;
     let admin = sqlx::PgPool::connect(&base).await.expect("connect to the test server");
     let db = format!("pbtest_{case}");
@@ -44,7 +48,7 @@ async fn fresh_pg(case: &str) -> Option<Arc<dyn Store>> {
         Some(q) => format!("{server}/{db}?{q}"),
         None => format!("{server}/{db}"),
     };
-    Some(store::connect(&url).await.unwrap_or_else(|e| panic!("{e}")))
+    Some((store::connect(&url).await.unwrap_or_else(|e| panic!("{e}")), url))
 }
 
 async fn fresh_sqlite(dir: &Path) -> Arc<dyn Store> {
@@ -112,13 +116,21 @@ fn seed_contract() -> Contract {
 async fn engine_and_commit(store: &dyn Store, generation: i64) -> (EngineId, paritybench::store::CommitId) {
     let e = store.upsert_engine("paritybench", None).await.unwrap();
     let c = store
-        .upsert_commit(e.id, &NewCommit { sha: sha(generation as u32), generation, committed_at: None, title: None })
+        .upsert_commit(
+            e.id,
+            &NewCommit { sha: sha(generation as u32), generation, committed_at: None, title: None },
+        )
         .await
         .unwrap();
     (e.id, c.id)
 }
 
-fn new_run(engine: EngineId, commit: paritybench::store::CommitId, device: DeviceFingerprint, contracts: Vec<ContractRef>) -> NewRun {
+fn new_run(
+    engine: EngineId,
+    commit: paritybench::store::CommitId,
+    device: DeviceFingerprint,
+    contracts: Vec<ContractRef>,
+) -> NewRun {
     NewRun {
         engine_id: engine,
         commit_id: commit,
@@ -165,7 +177,10 @@ fn judged_results(cosines: Vec<f64>) -> RunResults {
         dtype: Some("f16".into()),
         mode: Some("prefill".into()),
         prompt: None,
-        samples: BTreeMap::from([(Metric::LogitsCosine, cosines.clone()), (Metric::LayerCountParity, vec![1.0; 8])]),
+        samples: BTreeMap::from([
+            (Metric::LogitsCosine, cosines.clone()),
+            (Metric::LayerCountParity, vec![1.0; 8]),
+        ]),
         noise_floors: BTreeMap::new(),
     };
     let llama = Subject {
@@ -184,7 +199,10 @@ fn judged_results(cosines: Vec<f64>) -> RunResults {
             measurement("qwen3-dense", "hf-f16", "logits.cosine", "min", min),
             measurement("qwen3-dense", "hf-f16", "logits.rel_l2", "max", 3.5e-3),
             measurement("qwen3-dense", "llamacpp-f16", "top1", "mean", 2.0 / 3.0),
-            Measurement { prompt: Some("p0".into()), ..measurement("qwen3-dense", "hf-f16", "kld", "p99", 1e-5) },
+            Measurement {
+                prompt: Some("p0".into()),
+                ..measurement("qwen3-dense", "hf-f16", "kld", "p99", 1e-5)
+            },
         ],
         layers: (0..4)
             .map(|layer| LayerParity {
@@ -199,6 +217,13 @@ fn judged_results(cosines: Vec<f64>) -> RunResults {
             .collect(),
         verdicts: eval.verdicts.iter().map(StoredVerdict::from).collect(),
     }
+}
+
+/// `results` with more verdicts.
+fn results_with(results: &RunResults, verdicts: Vec<StoredVerdict>) -> RunResults {
+    let mut r = results.clone();
+    r.verdicts.extend(verdicts);
+    r
 }
 
 /// Floats equal, NaN equal to NaN.
@@ -218,10 +243,14 @@ async fn engines_and_commits(store: Arc<dyn Store>) {
     assert_eq!(store.engine_by_name("apr").await.unwrap(), Some(c.clone()));
     assert_eq!(store.engine_by_name("nope").await.unwrap(), None);
 
-    let nc = NewCommit { sha: sha(7), generation: 7, committed_at: Some(t(70)), title: Some("Fix rope".into()) };
+    let nc =
+        NewCommit { sha: sha(7), generation: 7, committed_at: Some(t(70)), title: Some("Fix rope".into()) };
     let c1 = store.upsert_commit(a.id, &nc).await.unwrap();
     assert_eq!((c1.sha.clone(), c1.generation, c1.committed_at), (sha(7), 7, Some(t(70))));
-    let c2 = store.upsert_commit(a.id, &NewCommit { title: None, committed_at: None, ..nc.clone() }).await.unwrap();
+    let c2 = store
+        .upsert_commit(a.id, &NewCommit { title: None, committed_at: None, ..nc.clone() })
+        .await
+        .unwrap();
     assert_eq!(c1, c2, "same sha, same commit; missing fields keep what is stored");
     assert_eq!(store.commit_by_sha(a.id, &sha(7)).await.unwrap(), Some(c1.clone()));
     assert_eq!(store.commit_by_sha(a.id, &sha(8)).await.unwrap(), None);
@@ -233,7 +262,10 @@ async fn engines_and_commits(store: Arc<dyn Store>) {
     // A run must name a commit of its own engine.
     let err = store.create_run(&new_run(other.id, c1.id, cpu(), vec![])).await.unwrap_err();
     assert!(matches!(err, StoreError::Invalid { field: "run commit", .. }), "{err}");
-    let err = store.create_run(&new_run(a.id, paritybench::store::CommitId(999_999), cpu(), vec![])).await.unwrap_err();
+    let err = store
+        .create_run(&new_run(a.id, paritybench::store::CommitId(999_999), cpu(), vec![]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { what: "commit", .. }), "{err}");
 }
 
@@ -259,21 +291,35 @@ async fn run_lifecycle_round_trips_everything(store: Arc<dyn Store>) {
     results.measurements.push(measurement("qwen3-dense", "hf-f16", "logits.max_abs", "max", f64::INFINITY));
     results.measurements.push(measurement("qwen3-dense", "hf-f16", "nonfinite", "count", f64::NAN));
     results.layers[3].rel_l2 = f64::NAN;
+    results.timings.insert("decode".into(), f64::NAN);
     assert_eq!(results.status, RunStatus::Failed);
-    store.finish_run(id, &results).await.unwrap();
+    // A NaN observation (a failed verdict) must not read back as "missing".
+    let mut nan_verdict = results.verdicts[0].clone();
+    nan_verdict.gate_id = "nan-observed".into();
+    (nan_verdict.observed, nan_verdict.outcome, nan_verdict.passed) =
+        (Some(f64::NAN), Outcome::Failed, false);
+    // A missing one (no floor: threshold NaN, nothing observed) reads back as missing.
+    let mut missing_verdict = results.verdicts[0].clone();
+    missing_verdict.gate_id = "no-floor".into();
+    (missing_verdict.observed, missing_verdict.threshold) = (None, f64::NAN);
+    (missing_verdict.outcome, missing_verdict.passed) = (Outcome::Missing, false);
+    store.finish_run(id, &results_with(&results, vec![nan_verdict, missing_verdict])).await.unwrap();
 
     let d = store.run_details(id).await.unwrap().unwrap();
     assert_eq!(d.run.status, RunStatus::Failed);
     assert!(d.run.finished_at.is_some());
-    assert_eq!(d.run.timings, results.timings);
+    assert_eq!(d.run.timings.len(), 3);
+    assert!(d.run.timings["decode"].is_nan() && d.run.timings["engine"] == 1234.5);
     assert_eq!(d.run.error, None);
     assert_eq!(d.series.len(), 2);
     assert_eq!(d.series[0].device_key, h100().key());
     assert_eq!(d.series[0].contract_key, format!("seed-parity@{}", contract.version));
     assert_eq!(d.measurements.len(), results.measurements.len());
     for (got, want) in d.measurements.iter().zip(&results.measurements) {
-        assert_eq!((&got.model, &got.reference, &got.prompt, &got.metric, &got.statistic),
-                   (&want.model, &want.reference, &want.prompt, &want.metric, &want.statistic));
+        assert_eq!(
+            (&got.model, &got.reference, &got.prompt, &got.metric, &got.statistic),
+            (&want.model, &want.reference, &want.prompt, &want.metric, &want.statistic)
+        );
         assert!(same(got.value, want.value), "{}: {} vs {}", got.metric, got.value, want.value);
     }
     assert_eq!(d.layers.len(), 4);
@@ -281,18 +327,34 @@ async fn run_lifecycle_round_trips_everything(store: Arc<dyn Store>) {
         assert_eq!((&got.capture, got.layer, &got.prompt), (&want.capture, want.layer, &want.prompt));
         assert!(same(got.rel_l2, want.rel_l2) && same(got.cosine, want.cosine));
     }
-    assert_eq!(d.verdicts, results.verdicts, "verdicts round-trip exactly");
-    let failed: Vec<&StoredVerdict> = d.verdicts.iter().filter(|v| !v.passed).collect();
+    let (verdicts, extra) = d.verdicts.split_at(results.verdicts.len());
+    assert_eq!(verdicts, results.verdicts, "verdicts round-trip exactly");
+    let [nan, missing] = extra else { panic!("{extra:?}") };
+    assert_eq!((nan.gate_id.as_str(), nan.outcome), ("nan-observed", Outcome::Failed));
+    assert!(nan.observed.unwrap().is_nan());
+    assert_eq!(
+        (missing.gate_id.as_str(), missing.outcome, missing.observed),
+        ("no-floor", Outcome::Missing, None)
+    );
+    assert!(missing.threshold.is_nan());
+    let failed: Vec<&StoredVerdict> = verdicts.iter().filter(|v| !v.passed).collect();
     let failed_ids: BTreeSet<&str> = failed.iter().map(|v| v.gate_id.as_str()).collect();
     assert_eq!(failed_ids, BTreeSet::from(["logits-cosine-vs-hf-fp16", "argmax-vs-llamacpp-top1"]));
     let cos = failed.iter().find(|v| v.gate_id == "logits-cosine-vs-hf-fp16").unwrap();
     assert_eq!((cos.observed, cos.threshold, cos.n_samples), (Some(0.98), 0.99, 3));
-    assert_eq!((cos.contract.clone(), cos.severity, cos.outcome), (contract.clone(), Severity::Error, Outcome::Failed));
+    assert_eq!(
+        (cos.contract.clone(), cos.severity, cos.outcome),
+        (contract.clone(), Severity::Error, Outcome::Failed)
+    );
 
     // A finished run stays finished.
     let err = store.finish_run(id, &RunResults::errored("again")).await.unwrap_err();
-    assert!(matches!(err, StoreError::InvalidTransition { from: RunStatus::Failed, to: RunStatus::Errored, .. }), "{err}");
-    let err = store.finish_run(paritybench::store::RunId(987_654), &RunResults::errored("x")).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::InvalidTransition { from: RunStatus::Failed, to: RunStatus::Errored, .. }),
+        "{err}"
+    );
+    let err =
+        store.finish_run(paritybench::store::RunId(987_654), &RunResults::errored("x")).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound { what: "run", .. }), "{err}");
     let mut not_final = RunResults::errored("x");
     not_final.status = RunStatus::Running;
@@ -311,8 +373,14 @@ async fn queued_runs_start_then_finish(store: Arc<dyn Store>) {
     store.start_run(id).await.unwrap();
     assert_eq!(store.run(id).await.unwrap().unwrap().status, RunStatus::Running);
     let err = store.start_run(id).await.unwrap_err();
-    assert!(matches!(err, StoreError::InvalidTransition { from: RunStatus::Running, to: RunStatus::Running, .. }), "{err}");
-    assert!(matches!(store.start_run(paritybench::store::RunId(55_555)).await.unwrap_err(), StoreError::NotFound { .. }));
+    assert!(
+        matches!(err, StoreError::InvalidTransition { from: RunStatus::Running, to: RunStatus::Running, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        store.start_run(paritybench::store::RunId(55_555)).await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
     let mut passed = RunResults::errored("unused");
     passed.status = RunStatus::Passed;
     passed.error = None;
@@ -328,7 +396,8 @@ async fn queued_runs_start_then_finish(store: Arc<dyn Store>) {
 
 async fn errored_run_keeps_what_it_finished(store: Arc<dyn Store>) {
     let (engine, commit) = engine_and_commit(&*store, 9).await;
-    let id = store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
+    let id =
+        store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
     let mut results = judged_results(vec![0.9999; 4]);
     results.status = RunStatus::Errored;
     results.error = Some("engine exited with signal 11 (SIGSEGV) after prompt 3 of 8".into());
@@ -347,7 +416,8 @@ async fn errored_run_keeps_what_it_finished(store: Arc<dyn Store>) {
 
 async fn finishing_is_all_or_nothing(store: Arc<dyn Store>) {
     let (engine, commit) = engine_and_commit(&*store, 5).await;
-    let id = store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
+    let id =
+        store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
     let mut results = judged_results(vec![0.9999; 4]);
     // The last verdict is one the database refuses (comparisons are a closed set); by then
     // the series, measurements and layers were inserted.
@@ -356,8 +426,10 @@ async fn finishing_is_all_or_nothing(store: Arc<dyn Store>) {
     assert!(matches!(err, StoreError::Query { doing: "finishing a run", .. }), "{err}");
     let d = store.run_details(id).await.unwrap().unwrap();
     assert_eq!(d.run.status, RunStatus::Running, "status untouched");
-    assert!(d.series.is_empty() && d.measurements.is_empty() && d.layers.is_empty() && d.verdicts.is_empty(),
-        "nothing half-written: {d:?}");
+    assert!(
+        d.series.is_empty() && d.measurements.is_empty() && d.layers.is_empty() && d.verdicts.is_empty(),
+        "nothing half-written: {d:?}"
+    );
     assert!(store.latest_per_series(None).await.unwrap().is_empty());
     // The same run can still be finished properly.
     let results = judged_results(vec![0.9999; 4]);
@@ -372,7 +444,13 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
     let mut commits = BTreeMap::new();
     // Commits recorded out of order: trends follow generation, not insertion.
     for g in [5, 1, 4, 2, 3] {
-        let c = store.upsert_commit(e.id, &NewCommit { sha: sha(g), generation: g as i64, committed_at: None, title: None }).await.unwrap();
+        let c = store
+            .upsert_commit(
+                e.id,
+                &NewCommit { sha: sha(g), generation: g as i64, committed_at: None, title: None },
+            )
+            .await
+            .unwrap();
         commits.insert(g, c.id);
     }
     let run_at = |g: u32, device: DeviceFingerprint, contract: ContractRef, rel: f64, pass: bool| {
@@ -407,7 +485,10 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
                 series: vec![subject("qwen3-dense", "hf-f32")],
                 measurements: vec![
                     measurement("qwen3-dense", "hf-f32", "logits.rel_l2", "max", rel),
-                    Measurement { prompt: Some("p1".into()), ..measurement("qwen3-dense", "hf-f32", "logits.rel_l2", "max", 99.0) },
+                    Measurement {
+                        prompt: Some("p1".into()),
+                        ..measurement("qwen3-dense", "hf-f32", "logits.rel_l2", "max", 99.0)
+                    },
                 ],
                 layers: vec![],
                 verdicts: vec![verdict],
@@ -429,8 +510,14 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
 
     let latest = store.latest_per_series(Some("paritybench")).await.unwrap();
     assert_eq!(latest.len(), 3, "{latest:#?}");
-    let cpu_v1 = latest.iter().find(|l| l.series.device_key == cpu().key() && l.series.contract_key.ends_with("@1")).unwrap();
-    assert_eq!((cpu_v1.latest.run_id, cpu_v1.latest.generation, cpu_v1.latest.status), (r5, 5, RunStatus::Passed));
+    let cpu_v1 = latest
+        .iter()
+        .find(|l| l.series.device_key == cpu().key() && l.series.contract_key.ends_with("@1"))
+        .unwrap();
+    assert_eq!(
+        (cpu_v1.latest.run_id, cpu_v1.latest.generation, cpu_v1.latest.status),
+        (r5, 5, RunStatus::Passed)
+    );
     assert_eq!(cpu_v1.latest.commit_sha, sha(5));
     assert_eq!(cpu_v1.series.model, "qwen3-dense");
     assert_eq!(cpu_v1.series.fixture_id, "fx-qwen3-dense-hf-f32-1");
@@ -444,7 +531,8 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
     let series = cpu_v1.series.id;
     assert_eq!(store.series(series).await.unwrap().as_ref(), Some(&cpu_v1.series));
     let runs = store.series_runs(series, 100).await.unwrap();
-    let order: Vec<(i64, paritybench::store::RunId)> = runs.iter().map(|r| (r.generation, r.run_id)).collect();
+    let order: Vec<(i64, paritybench::store::RunId)> =
+        runs.iter().map(|r| (r.generation, r.run_id)).collect();
     assert_eq!(order, vec![(1, r1), (2, r2), (2, r2b), (3, r3), (4, r4), (5, r5)]);
     let failed: Vec<i64> = runs.iter().map(|r| r.failed_gates).collect();
     assert_eq!(failed, vec![0, 0, 0, 0, 1, 0]);
@@ -453,11 +541,18 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
 
     let trend = store.series_trend(series, "logits.rel_l2", "max", 100).await.unwrap();
     let values: Vec<(i64, f64)> = trend.iter().map(|p| (p.generation, p.value)).collect();
-    assert_eq!(values, vec![(1, 1e-5), (2, 2e-5), (2, 2.5e-5), (3, 3e-5), (4, 4e-3), (5, 5e-5)], "per-prompt rows excluded");
+    assert_eq!(
+        values,
+        vec![(1, 1e-5), (2, 2e-5), (2, 2.5e-5), (3, 3e-5), (4, 4e-3), (5, 5e-5)],
+        "per-prompt rows excluded"
+    );
     assert!(store.series_trend(series, "kld", "mean", 100).await.unwrap().is_empty());
 
     // Correcting a commit's generation moves its points.
-    store.upsert_commit(e.id, &NewCommit { sha: sha(1), generation: 6, committed_at: None, title: None }).await.unwrap();
+    store
+        .upsert_commit(e.id, &NewCommit { sha: sha(1), generation: 6, committed_at: None, title: None })
+        .await
+        .unwrap();
     let runs = store.series_runs(series, 100).await.unwrap();
     assert_eq!(runs.last().map(|r| (r.run_id, r.generation)), Some((r1, 6)));
     let latest = store.latest_per_series(None).await.unwrap();
@@ -474,9 +569,17 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
         dedupe_key: dedupe.map(str::to_string),
     };
     let Enqueued::New(low) = store.enqueue_job(&job("run", 0, None), t(0)).await.unwrap() else { panic!() };
-    let Enqueued::New(high) = store.enqueue_job(&job("run", 10, Some("delivery-1")), t(0)).await.unwrap() else { panic!() };
-    assert_eq!(store.enqueue_job(&job("run", 10, Some("delivery-1")), t(1)).await.unwrap(), Enqueued::Duplicate(high));
-    let Enqueued::New(bisect) = store.enqueue_job(&job("bisect", 99, None), t(0)).await.unwrap() else { panic!() };
+    let Enqueued::New(high) = store.enqueue_job(&job("run", 10, Some("delivery-1")), t(0)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        store.enqueue_job(&job("run", 10, Some("delivery-1")), t(1)).await.unwrap(),
+        Enqueued::Duplicate(high)
+    );
+    let Enqueued::New(bisect) = store.enqueue_job(&job("bisect", 99, None), t(0)).await.unwrap() else {
+        panic!()
+    };
     let mut later = job("run", 100, None);
     later.run_after = t(1000);
     let Enqueued::New(delayed) = store.enqueue_job(&later, t(0)).await.unwrap() else { panic!() };
@@ -510,7 +613,10 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
     // The last attempt fails: out of attempts, the job is dead with its error.
     assert!(store.fail_job(c2.id, &c2.token, "engine build failed", t(100), t(80)).await.unwrap());
     let dead = store.job(low).await.unwrap().unwrap();
-    assert_eq!((dead.status, dead.attempts, dead.last_error.as_deref()), (JobStatus::Dead, 2, Some("engine build failed")));
+    assert_eq!(
+        (dead.status, dead.attempts, dead.last_error.as_deref()),
+        (JobStatus::Dead, 2, Some("engine build failed"))
+    );
 
     // A failure with attempts left returns the job to the queue at retry_at.
     assert!(store.fail_job(a.id, &a.token, "runner restarted", t(200), t(90)).await.unwrap());
@@ -529,7 +635,10 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
     // that lease expires too, the job is out of attempts and dead.
     let lost = store.claim_job("w9", &[], Duration::from_secs(1), t(2000)).await.unwrap().unwrap();
     assert_eq!((lost.id, lost.attempt), (delayed, 2));
-    assert_eq!(store.job(delayed).await.unwrap().unwrap().last_error.as_deref(), Some("lease expired (worker w1)"));
+    assert_eq!(
+        store.job(delayed).await.unwrap().unwrap().last_error.as_deref(),
+        Some("lease expired (worker w1)")
+    );
     assert_eq!(store.claim_job("w9", &[], Duration::from_secs(1), t(2002)).await.unwrap(), None);
     let j = store.job(delayed).await.unwrap().unwrap();
     assert_eq!(j.status, JobStatus::Dead);
@@ -554,7 +663,9 @@ async fn concurrent_claims_never_share_a_job(store: Arc<dyn Store>) {
         let store = store.clone();
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
-            while let Some(j) = store.claim_job(&format!("w{w}"), &[], Duration::from_secs(600), t(1)).await.unwrap() {
+            while let Some(j) =
+                store.claim_job(&format!("w{w}"), &[], Duration::from_secs(600), t(1)).await.unwrap()
+            {
                 assert!(store.complete_job(j.id, &j.token, t(2)).await.unwrap());
                 mine.push(j.id);
             }
@@ -599,4 +710,141 @@ async fn urls_pick_the_backend_and_reopen_migrated_files() {
     let err = store::connect("postgres://u:hunter2@127.0.0.1:1/db").await.unwrap_err();
     assert!(matches!(err, StoreError::Connect { .. }));
     assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+// ------------------------------------------------------------------------- scale
+
+/// The dashboard's reads on 100,000 runs must answer with p99 < 50 ms. Seeds the database
+/// with SQL (100 series × 1,000 runs over 1,000 commits; 6 measurements and 3 verdicts per
+/// run; 36 layer rows for the last 1,000 runs), then times each read 200 times.
+/// `cargo test --test store -- --ignored dashboard_reads_at_scale --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "seeds 100,000 runs: run on demand"]
+async fn dashboard_reads_at_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scale.db");
+    let sqlite_url = format!("sqlite://{}", path.display());
+    let sqlite = store::connect(&sqlite_url).await.unwrap();
+    let raw = sqlx::SqlitePool::connect(&sqlite_url).await.unwrap();
+    seed_at_scale(
+        &*sqlite,
+        |sql| {
+            let raw = raw.clone();
+            async move { sqlx::query(&sql).execute(&raw).await.map(|_| ()) }
+        },
+        "printf('%040x', i)",
+    )
+    .await;
+    time_dashboard("sqlite", &*sqlite).await;
+    if let Some((pg, url)) = fresh_pg_url("scale").await {
+        let raw = sqlx::PgPool::connect(&url).await.unwrap();
+        seed_at_scale(
+            &*pg,
+            |sql| {
+                let raw = raw.clone();
+                async move { sqlx::query(&sql).execute(&raw).await.map(|_| ()) }
+            },
+            "lpad(to_hex(i), 40, '0')",
+        )
+        .await;
+        time_dashboard("postgres", &*pg).await;
+    }
+}
+
+async fn seed_at_scale<F, Fut>(store: &dyn Store, exec: F, hex40: &str)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
+    let started = std::time::Instant::now();
+    let e = store.upsert_engine("paritybench", None).await.unwrap();
+    let n = |count: u32| {
+        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) ")
+    };
+    let engine = e.id.0;
+    let statements = [
+        format!("INSERT INTO commits (engine_id, sha, generation) {} SELECT {engine}, {hex40}, i FROM n", n(1000)),
+        format!(
+            "INSERT INTO series (engine_id, model, model_sha256, reference, device_key, fixture_id, contract_key, created_ms) {} \
+             SELECT {engine}, 'model-' || (i % 10), 'sha-' || (i % 10), 'ref-' || ((i / 10) % 2), 'dev-' || (i / 20), 'fx', 'seed-parity@1', 0 FROM n",
+            n(100)
+        ),
+        format!(
+            "INSERT INTO runs (engine_id, commit_id, status, triggered_by, suite, device_kind, device_name, device_key, \
+             fixture_ids, contracts, timings, created_ms, started_ms, finished_ms) {} \
+             SELECT {engine}, (SELECT id FROM commits WHERE generation = ((i - 1) / 100) + 1), \
+                    CASE WHEN i % 17 = 0 THEN 'failed' ELSE 'passed' END, 'nightly', 'bundled', 'cpu', 'cpu', 'dev-' || (i % 5), \
+                    '[]', '[]', '{{}}', i, i, i FROM n",
+            n(100_000)
+        ),
+        "INSERT INTO run_series (run_id, series_id, generation) \
+         SELECT r.id, (r.id % 100) + 1, c.generation FROM runs r JOIN commits c ON c.id = r.commit_id".to_string(),
+        "INSERT INTO measurements (run_id, series_id, model, reference, prompt, metric, statistic, value) \
+         SELECT rs.run_id, rs.series_id, 'model', 'ref', p.prompt, m.metric, 'max', rs.run_id * 1e-9 \
+         FROM run_series rs \
+         CROSS JOIN (SELECT 'logits.rel_l2' AS metric UNION ALL SELECT 'kld' UNION ALL SELECT 'top1') m \
+         CROSS JOIN (SELECT NULL AS prompt UNION ALL SELECT 'p0') p".to_string(),
+        "INSERT INTO verdicts (run_id, series_id, contract_id, contract_version, contract_sha256, gate_id, metric, \
+         reduction, comparison, threshold, observed, n_samples, outcome, passed, severity, model, reference) \
+         SELECT rs.run_id, rs.series_id, 'seed-parity', '1', 'x', g.gate, 'logits.cosine', 'min', '>', 0.99, 0.995, 256, \
+                CASE WHEN rs.run_id % 17 = 0 THEN 'failed' ELSE 'passed' END, rs.run_id % 17 <> 0, 'error', 'model', 'ref' \
+         FROM run_series rs CROSS JOIN (SELECT 'a' AS gate UNION ALL SELECT 'b' UNION ALL SELECT 'c') g".to_string(),
+        format!(
+            "INSERT INTO layer_parity (run_id, series_id, model, reference, prompt, capture, layer, rel_l2, cosine) {} \
+             SELECT 99000 + (i / 36) + 1, NULL, 'model', 'ref', NULL, 'layer_out', i % 36, 1e-5, 0.99999 FROM n",
+            n(35_999)
+        ),
+        "ANALYZE".to_string(),
+    ];
+    for sql in statements {
+        exec(sql.clone()).await.unwrap_or_else(|err| panic!("{err}\n{sql}"));
+    }
+    eprintln!("seeded 100,000 runs in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+async fn time_dashboard(backend: &str, store: &dyn Store) {
+    use paritybench::store::{RunId, SeriesId};
+    const REPS: usize = 200;
+    let latest = store.latest_per_series(None).await.unwrap();
+    assert_eq!(latest.len(), 100);
+    assert!(latest.iter().all(|l| l.latest.generation == 1000), "the newest commit is the latest state");
+    assert_eq!(store.series_runs(SeriesId(7), 10_000).await.unwrap().len(), 1000);
+    let details = store.run_details(RunId(99_500)).await.unwrap().unwrap();
+    assert_eq!((details.measurements.len(), details.verdicts.len(), details.layers.len()), (6, 3, 36));
+
+    let mut report = Vec::new();
+    macro_rules! time {
+        ($name:literal, $call:expr) => {{
+            let mut ms = Vec::with_capacity(REPS);
+            for i in 0..REPS {
+                let t0 = std::time::Instant::now();
+                let out = $call(i).await.unwrap();
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                std::hint::black_box(out);
+            }
+            ms.sort_by(f64::total_cmp);
+            let p50 = ms[REPS / 2];
+            let p99 = ms[(REPS * 99) / 100 - 1];
+            report.push(format!("{backend:>8} {:<28} p50 {p50:7.2} ms  p99 {p99:7.2} ms", $name));
+            (p99, $name)
+        }};
+    }
+    let results = [
+        time!("latest_per_series (100)", |_| store.latest_per_series(None)),
+        time!("series_runs (last 200)", |i: usize| store.series_runs(SeriesId(1 + (i as i64 % 100)), 200)),
+        time!("series_trend (last 200)", |i: usize| store.series_trend(
+            SeriesId(1 + (i as i64 % 100)),
+            "kld",
+            "max",
+            200
+        )),
+        time!("run_details", |i: usize| store.run_details(RunId(99_001 + i as i64))),
+        time!("recent_runs (50)", |_| store.recent_runs(50)),
+    ];
+    for line in &report {
+        eprintln!("{line}");
+    }
+    for (p99, name) in results {
+        assert!(p99 < 50.0, "{backend}: {name} p99 {p99:.2} ms >= 50 ms");
+    }
 }

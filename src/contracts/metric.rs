@@ -220,9 +220,7 @@ impl<'de> Deserialize<'de> for Comparison {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Comparison::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "unknown comparison `{s}` (expected one of >, >=, <, <=, ==)"
-            ))
+            serde::de::Error::custom(format!("unknown comparison `{s}` (expected one of >, >=, <, <=, ==)"))
         })
     }
 }

@@ -32,8 +32,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_yaml_ng::Value;
 
 use super::{
-    Comparison, Contract, ContractError, Gate, Metric, Pattern, Reduction, Scope, Severity,
-    Threshold,
+    Comparison, Contract, ContractError, Gate, Metric, Pattern, Reduction, Scope, Severity, Threshold,
 };
 
 #[derive(Deserialize)]
@@ -166,10 +165,8 @@ impl<'de> Deserialize<'de> for RawThreshold {
 pub(super) fn parse(bytes: &[u8], source: &Path) -> Result<Contract, ContractError> {
     let path = source.to_path_buf();
     let yaml_err = |e| ContractError::Yaml { path: path.clone(), source: e };
-    let text = std::str::from_utf8(bytes).map_err(|e| ContractError::Shape {
-        path: path.clone(),
-        message: format!("not UTF-8 text: {e}"),
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ContractError::Shape { path: path.clone(), message: format!("not UTF-8 text: {e}") })?;
     let sha256 = crate::protocol::sha256_hex(bytes);
     let doc: Value = serde_yaml_ng::from_str(text).map_err(yaml_err)?;
     let top = doc.as_mapping().ok_or_else(|| ContractError::Shape {
@@ -218,14 +215,7 @@ pub(super) fn parse(bytes: &[u8], source: &Path) -> Result<Contract, ContractErr
         }
         gates.push(gate(raw, text, source)?);
     }
-    Ok(Contract {
-        id,
-        version,
-        description: description.unwrap_or_default(),
-        sha256,
-        source: path,
-        gates,
-    })
+    Ok(Contract { id, version, description: description.unwrap_or_default(), sha256, source: path, gates })
 }
 
 /// Validates one gate: metric name, numbers, scope patterns.

@@ -39,10 +39,8 @@ pub(crate) fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> M
 pub(crate) fn attempt_token(worker: &str, now_ms: i64) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let seed = format!("{worker}|{now_ms}|{nanos}|{}|{n}", std::process::id());
     crate::protocol::sha256_hex(seed.as_bytes())[..32].to_string()
 }
@@ -320,7 +318,14 @@ macro_rules! impl_store {
                 host: col(row, "host")?,
                 fixture_ids: parse_json("runs.fixture_ids", col(row, "fixture_ids")?)?,
                 contracts: parse_json("runs.contracts", col(row, "contracts")?)?,
-                timings: parse_json("runs.timings", col(row, "timings")?)?,
+                // JSON has no NaN: serde_json writes it as null, read back as NaN.
+                timings: parse_json::<std::collections::BTreeMap<String, Option<f64>>>(
+                    "runs.timings",
+                    col(row, "timings")?,
+                )?
+                .into_iter()
+                .map(|(k, v)| (k, null_to_nan(v)))
+                .collect(),
                 log_path: col(row, "log_path")?,
                 error: col(row, "error")?,
                 job_id: col::<Option<i64>>(row, "job_id")?.map(JobId),
@@ -678,21 +683,24 @@ macro_rules! impl_store {
                 let series = |model: &str, reference: &str| series_of.get(&(model, reference)).copied();
 
                 // 3. Measurements, per-layer parity, verdicts.
-                let ms: Vec<(Option<i64>, &Measurement)> = results
-                    .measurements
-                    .iter()
-                    .map(|m| (series(&m.model, &m.reference), m))
-                    .collect();
-                insert_chunked(&mut tx, $crate::store::common::INSERT_MEASUREMENTS, &ms, doing, |b, (s, m)| {
-                    b.push_bind(id.0)
-                        .push_bind(*s)
-                        .push_bind(m.model.as_str())
-                        .push_bind(m.reference.as_str())
-                        .push_bind(m.prompt.as_deref())
-                        .push_bind(m.metric.as_str())
-                        .push_bind(m.statistic.as_str())
-                        .push_bind(nan_to_null(m.value));
-                })
+                let ms: Vec<(Option<i64>, &Measurement)> =
+                    results.measurements.iter().map(|m| (series(&m.model, &m.reference), m)).collect();
+                insert_chunked(
+                    &mut tx,
+                    $crate::store::common::INSERT_MEASUREMENTS,
+                    &ms,
+                    doing,
+                    |b, (s, m)| {
+                        b.push_bind(id.0)
+                            .push_bind(*s)
+                            .push_bind(m.model.as_str())
+                            .push_bind(m.reference.as_str())
+                            .push_bind(m.prompt.as_deref())
+                            .push_bind(m.metric.as_str())
+                            .push_bind(m.statistic.as_str())
+                            .push_bind(nan_to_null(m.value));
+                    },
+                )
                 .await?;
                 let ls: Vec<(Option<i64>, &LayerParity)> =
                     results.layers.iter().map(|l| (series(&l.model, &l.reference), l)).collect();
@@ -837,7 +845,10 @@ macro_rules! impl_store {
                     .map_err($crate::store::query_err("reading the latest run per series"))?
                     .iter()
                     .map(|row| {
-                        Ok($crate::store::SeriesLatest { series: series_from(row)?, latest: series_run_from(row)? })
+                        Ok($crate::store::SeriesLatest {
+                            series: series_from(row)?,
+                            latest: series_run_from(row)?,
+                        })
                     })
                     .collect()
             }
@@ -895,7 +906,9 @@ macro_rules! impl_store {
                     .map(|row| {
                         Ok(TrendPoint {
                             run_id: RunId(col(row, "run_id")?),
-                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| CommitSha::parse(s).ok())?,
+                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| {
+                                CommitSha::parse(s).ok()
+                            })?,
                             generation: col(row, "generation")?,
                             value: null_to_nan(col(row, "value")?),
                         })

@@ -621,7 +621,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: DateTime<Utc>,
     ) -> Result<Option<ClaimedJob>, StoreError>;
     /// Extends a lease; false when the lease was lost (expired and taken over, or finished).
-    async fn heartbeat_job(&self, id: JobId, token: &str, lease: Duration, now: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn heartbeat_job(
+        &self,
+        id: JobId,
+        token: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
     /// Marks a job done; false when the lease was lost.
     async fn complete_job(&self, id: JobId, token: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
     /// Records a failed attempt: back to the queue at `retry_at`, or dead when out of
