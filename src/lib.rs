@@ -6,8 +6,10 @@
 //! [`engine`].
 
 pub mod cli;
+pub mod contracts;
 pub mod engine;
 pub mod exec;
 pub mod fixtures;
 pub mod metrics;
 pub mod protocol;
+pub mod store;
