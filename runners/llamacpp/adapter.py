@@ -257,6 +257,39 @@ def capture_record(req: pbproto.Request, why: str) -> dict:
     return {"points": [], "layers": [], "absent": {p: why for p in points}}
 
 
+class LlamaLog:
+    """Collects llama.cpp's error-level log lines (and prints nothing), so that a load
+    failure can say why; llama-cpp-python's own exception only says that it failed."""
+
+    def __init__(self, llama_cpp):
+        import ctypes
+
+        self.errors: list[str] = []
+        self._last_level = 0
+
+        # ggml.h of this tree: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the
+        # previous line). llama-cpp-python's _logger.py still has the older numbering.
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            line = text.decode("utf-8", errors="replace").strip()
+            if level == 4 and line:
+                self.errors.append(line)
+            elif level == 5 and self._last_level == 4 and self.errors:
+                self.errors[-1] += " " + line
+            if level != 5:
+                self._last_level = level
+
+        self._callback = callback  # keep the ctypes thunk alive as long as llama.cpp may call it
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def reason(self) -> str:
+        """The most specific error line (llama_model_load's), else the last one."""
+        for line in self.errors:
+            if "error loading model" in line:
+                return line
+        return self.errors[-1] if self.errors else "no error message from llama.cpp"
+
+
 def first_argmax(row: np.ndarray) -> int:
     """Greedy choice: the first index of the maximum (np.argmax's documented tie rule)."""
     return int(np.argmax(row))
@@ -284,6 +317,7 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
     n_batch = t_max  # prefill: the whole prompt is one batch and one micro-batch
 
     sha = pbproto.sha256_file(path)
+    log = LlamaLog(llama_cpp)
     t0 = time.perf_counter()
     try:
         llm = llama_cpp.Llama(
@@ -292,7 +326,7 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
             n_gpu_layers=-1 if gpu else 0, flash_attn=False,
         )
     except (ValueError, RuntimeError) as e:
-        raise AdapterError(f"{path}: llama.cpp could not load this GGUF ({e})")
+        raise AdapterError(f"{path}: llama.cpp could not load this GGUF: {log.reason()} ({e})")
     load_ms = (time.perf_counter() - t0) * 1e3
     n_vocab = llm.n_vocab()
     check_vocab(req, n_vocab)

@@ -3,6 +3,7 @@
 
     build_gguf.py --model DIR --out OUT [--name NAME] [--quants Q8_0,Q4_K_M,Q5_K_M,Q6_K]
                   [--extra BF16,F32,Q4_0,Q4_1,Q5_0,Q5_1] [--json FILE] [--force]
+                  [--check-only] [--cross-check] [--allow-hparam-mismatch]
 
 Why it exists: the built-in engine's GGUF loader and dequantizers are only tested if real
 files with real blocks of every type exist, made by the same llama.cpp tree that produces
@@ -11,8 +12,12 @@ the reference logits (one sdist, runners/setup.sh). Steps:
 1. `convert_hf_to_gguf.py --outtype f16` (and `bf16`/`f32` when asked), run by the venv
    python with the tree's gguf-py first on the path -> `<out>/<name>-F16.gguf`.
 2. `llama-quantize <name>-F16.gguf <name>-<QUANT>.gguf <QUANT>` for each quant.
-3. Inspection of every file with the tree's gguf-py (GGUFReader): sha256, size, tensor types
-   present (tensor and block counts: n_elements / block size), the model's metadata.
+3. Inspection of every file: sha256, size, tensor types present (tensor and block counts:
+   n_elements / block size), every tensor's type and shape, the model's metadata. Parsed by
+   gguf_meta.py, whose type tables are checked against the tree's gguf-py
+   (GGMLQuantizationType, GGML_QUANT_SIZES, LlamaFileType); `--cross-check` also reads every
+   file with the tree's GGUFReader and compares (GGUFReader takes ~10 s per file to build
+   objects for a 150k-entry vocabulary, so it is not the default).
 4. Checks, each a loud failure (exit 1):
    - a quantized file holds no blocks of its own type (llama-quantize silently falls back,
      e.g. Q4_K -> Q5_0, when a row length is not a multiple of 256);
@@ -21,8 +26,10 @@ the reference logits (one sdist, runners/setup.sh). Steps:
      qwen3moe graph ignores). Those that did not reach the file are always reported.
    `--allow-hparam-mismatch` turns the second into a warning.
 
-The JSON report goes to stdout and to `<out>/<name>.gguf.json`. Files are rebuilt only when
-the checkpoint, the tree or the list of types changed (or with --force).
+`--check-only` builds nothing: it inspects and checks the files that are there (e.g. GGUFs
+made elsewhere). The JSON report goes to stdout and, when building, to
+`<out>/<name>.gguf.json`. A file is rebuilt only when the checkpoint or the tree changed, or
+the file is not the one last recorded (or with --force).
 Exit codes: 0 built and checked, 1 a check failed, 2 could not run.
 """
 
@@ -39,7 +46,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from gguf_meta import ASSUMED  # noqa: E402
+from gguf_meta import ASSUMED, FILE_TYPES, TENSOR_TYPES, ArrayInfo, GgufError, read_header  # noqa: E402
 
 DEFAULT_QUANTS = ["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 CONVERT_TYPES = {"F16": "f16", "BF16": "bf16", "F32": "f32"}
@@ -149,53 +156,90 @@ def gguf_module(tree: str):
     return gguf
 
 
-def field_value(field):
-    """A metadata value; arrays of more than 16 items are summarised by their length."""
-    from gguf import GGUFValueType
+def check_type_tables(gguf) -> None:
+    """gguf_meta's type tables must be the tree's (GGMLQuantizationType, GGML_QUANT_SIZES,
+    LlamaFileType), or block counts would be wrong."""
+    for tid, (name, block, nbytes) in TENSOR_TYPES.items():
+        t = gguf.GGMLQuantizationType(tid)
+        if t.name != name or gguf.GGML_QUANT_SIZES[t] != (block, nbytes):
+            raise BuildError(f"gguf_meta.TENSOR_TYPES[{tid}] = {name} {block}/{nbytes}, the tree's gguf-py says {t.name} {gguf.GGML_QUANT_SIZES[t]}")
+    for fid, name in FILE_TYPES.items():
+        if gguf.LlamaFileType(fid).name.removeprefix("MOSTLY_").removeprefix("ALL_") != name:
+            raise BuildError(f"gguf_meta.FILE_TYPES[{fid}] = {name}, the tree's gguf-py says {gguf.LlamaFileType(fid).name}")
 
-    if field.types and field.types[0] == GGUFValueType.ARRAY:
-        n = len(field.data)
-        if n > 16:
-            return {"array_of": field.types[-1].name, "length": n}
-    v = field.contents()
+
+def meta_value(gguf, v):
+    """A metadata value for the report; arrays of more than 16 items become their length."""
+    if isinstance(v, ArrayInfo):
+        if v.items is None:
+            return {"array_of": gguf.GGUFValueType(v.item_type).name, "length": v.length}
+        return v.items
     if isinstance(v, float):
         return float(f"{v:.9g}")  # f32 storage: print what was stored, not binary noise
     return v
 
 
 def inspect(gguf, path: str, quant: str) -> dict:
-    r = gguf.GGUFReader(path)
-    arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
+    """The report of one file. Parsed by gguf_meta (GGUFReader needs ~10 s per file to build
+    its objects for 300k vocabulary strings); `--cross-check` compares with GGUFReader."""
+    try:
+        h = read_header(path)
+    except GgufError as e:
+        raise BuildError(str(e))
+    arch = h.architecture
     meta = {}
-    for key, field in r.fields.items():
-        if key.startswith("GGUF."):
-            continue
+    for key, v in h.kv.items():
         if key in GENERAL_KEYS or (arch and key.startswith(arch + ".")):
-            meta[key] = field_value(field)
-    ft = meta.get("general.file_type")
-    if ft is not None:
-        meta["general.file_type.name"] = gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_")
+            meta[key] = meta_value(gguf, v)
+    if "general.file_type" in meta:
+        meta["general.file_type.name"] = h.quant
     types: dict[str, dict] = {}
     tensors = {}
-    for t in r.tensors:
-        block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
-        name = t.tensor_type.name
+    for t in h.tensors:
+        name, block, nbytes = TENSOR_TYPES[t.type_id]
         entry = types.setdefault(name, {"tensors": 0, "blocks": 0, "bytes": 0, "block_size": block})
         entry["tensors"] += 1
-        entry["blocks"] += int(t.n_elements) // block
-        entry["bytes"] += int(t.n_bytes)
-        tensors[t.name] = {"type": name, "shape": [int(d) for d in t.shape]}
-    report = {
+        entry["blocks"] += t.n_elements // block
+        entry["bytes"] += t.n_elements // block * nbytes
+        tensors[t.name] = {"type": name, "shape": list(t.dims)}
+    return {
         "file": os.path.basename(path),
         "path": os.path.abspath(path),
         "quant": quant,
         "sha256": sha256_file(path),
-        "size": os.path.getsize(path),
+        "size": h.file_size,
         "tensor_types": dict(sorted(types.items())),
         "metadata": meta,
         "tensors": tensors,
     }
-    return report
+
+
+def cross_check(gguf, rep: dict) -> list[str]:
+    """Differences between the report and the tree's GGUFReader on the same file."""
+    r = gguf.GGUFReader(rep["path"])
+    problems = []
+    theirs = {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in t.shape]} for t in r.tensors}
+    if theirs != rep["tensors"]:
+        diff = sorted(k for k in set(theirs) | set(rep["tensors"]) if theirs.get(k) != rep["tensors"].get(k))
+        problems.append(f"{rep['path']}: GGUFReader sees other tensors: {diff[:5]}")
+    for t in r.tensors:
+        if int(t.n_bytes) != int(t.n_elements) // gguf.GGML_QUANT_SIZES[t.tensor_type][0] * gguf.GGML_QUANT_SIZES[t.tensor_type][1]:
+            problems.append(f"{rep['path']}: tensor {t.name} has {t.n_bytes} bytes in GGUFReader")
+    for key, want in rep["metadata"].items():
+        if key == "general.file_type.name":
+            continue
+        f = r.fields.get(key)
+        if f is None:
+            problems.append(f"{rep['path']}: GGUFReader has no key {key}")
+            continue
+        if isinstance(want, dict) and "length" in want:
+            got = {"array_of": f.types[-1].name, "length": len(f.data)}
+        else:
+            got = f.contents()
+            got = float(f"{got:.9g}") if isinstance(got, float) else got
+        if got != want:
+            problems.append(f"{rep['path']}: key {key} is {got!r} in GGUFReader, {want!r} here")
+    return problems
 
 
 def check_blocks(rep: dict) -> list[str]:
@@ -207,7 +251,7 @@ def check_blocks(rep: dict) -> list[str]:
     if primary and rep["tensor_types"].get(primary, {}).get("blocks", 0) == 0:
         present = {k: v["blocks"] for k, v in rep["tensor_types"].items()}
         problems.append(f"{rep['path']}: a {quant} file holds no {primary} blocks (blocks by type: {present}); "
-                        "llama-quantize fell back because no row length is a multiple of the block size")
+                        "(llama-quantize falls back to another type, silently, where row lengths are not multiples of the block size)")
     if primary and primary.endswith("_K"):
         rep["fallback_tensors"] = {
             name: t for name, t in rep["tensors"].items()
@@ -307,39 +351,25 @@ def checkpoint_fingerprint(model_dir: str) -> dict:
     return files
 
 
-def build(args) -> dict:
-    model_dir = os.path.abspath(args.model)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise BuildError(f"{model_dir}: no config.json (--model must be an HF checkpoint directory)")
-    tree, quantize_bin, python = tool_paths(args)
-    name = args.name or os.path.basename(model_dir.rstrip("/"))
-    quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
-    extra = [q.strip().upper() for q in (args.extra or "").split(",") if q.strip()]
-    wanted = ["F16"] + [q for q in quants + extra if q != "F16"]
-    for q in wanted:
+def wanted_types(args) -> list[str]:
+    """F16 first (every quant is made from it), then the requested types, each once."""
+    asked = [q.strip().upper() for q in f"{args.quants},{args.extra or ''}".split(",") if q.strip()]
+    for q in asked:
         if q not in CONVERT_TYPES and q not in QUANTIZE_TYPES:
             raise BuildError(f"unknown type {q!r} (convert: {sorted(CONVERT_TYPES)}; quantize: {sorted(QUANTIZE_TYPES)})")
-    os.makedirs(args.out, exist_ok=True)
-    record_path = os.path.join(args.out, f"{name}.gguf.json")
-    inputs = {
-        "checkpoint": model_dir,
-        "checkpoint_files": checkpoint_fingerprint(model_dir),
-        "llamacpp_tree": tree,
-        "sdist": os.environ.get("PARITYBENCH_LLAMACPP_SDIST", "unknown"),
-        "quantize": quantize_bin,
-        "types": wanted,
-    }
-    previous = None
-    if os.path.isfile(record_path) and not args.force:
-        with open(record_path) as f:
-            previous = json.load(f)
-    up_to_date = previous is not None and previous.get("inputs") == inputs
+    if args.check_only:
+        return list(dict.fromkeys(asked))
+    return list(dict.fromkeys(["F16"] + asked))
 
-    paths = {q: os.path.join(args.out, f"{name}-{q}.gguf") for q in wanted}
+
+def make_files(args, model_dir: str, tree: str, quantize_bin: str, python: str,
+               paths: dict[str, str], inputs: dict, previous: dict | None) -> dict[str, float]:
+    """Runs convert/quantize for every file that is not the one last recorded; returns
+    seconds per file made."""
+    up_to_date = previous is not None and previous.get("inputs") == inputs
     threads = args.threads or os.cpu_count() or 1
     timings = {}
-    for q in wanted:
-        p = paths[q]
+    for q, p in paths.items():
         prev = (previous or {}).get("files", {}).get(q, {})
         if up_to_date and os.path.isfile(p) and prev.get("sha256") == sha256_file(p):
             log(f"{os.path.basename(p)} is up to date")
@@ -350,28 +380,68 @@ def build(args) -> dict:
         else:
             quantize(quantize_bin, paths["F16"], p, q, threads)
         timings[q] = round(time.perf_counter() - t0, 3)
+        if q == "F16":
+            up_to_date = False  # every quant is made from this file: remake them all
+    return timings
+
+
+def build(args) -> dict:
+    model_dir = os.path.abspath(args.model)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise BuildError(f"{model_dir}: no config.json (--model must be an HF checkpoint directory)")
+    tree, quantize_bin, python = tool_paths(args)
+    name = args.name or os.path.basename(model_dir.rstrip("/"))
+    wanted = wanted_types(args)
+    if not wanted:
+        raise BuildError("no types to check (--quants/--extra are empty)")
+    paths = {q: os.path.join(args.out, f"{name}-{q}.gguf") for q in wanted}
+    record_path = os.path.join(args.out, f"{name}.gguf.json")
+    inputs = {
+        "checkpoint": model_dir,
+        "checkpoint_files": checkpoint_fingerprint(model_dir),
+        "llamacpp_tree": tree,
+        "sdist": os.environ.get("PARITYBENCH_LLAMACPP_SDIST", "unknown"),
+        "quantize": quantize_bin,
+    }
+    timings = {}
+    if args.check_only:
+        missing = [p for p in paths.values() if not os.path.isfile(p)]
+        if missing:
+            raise BuildError(f"--check-only: no such file(s): {missing}")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        previous = None
+        if os.path.isfile(record_path) and not args.force:
+            with open(record_path) as f:
+                previous = json.load(f)
+        timings = make_files(args, model_dir, tree, quantize_bin, python, paths, inputs, previous)
 
     gguf = gguf_module(tree)
+    check_type_tables(gguf)
     files, problems = {}, []
     for q in wanted:
         rep = inspect(gguf, paths[q], q)
         problems += check_blocks(rep)
+        if args.cross_check:
+            problems += cross_check(gguf, rep)
         files[q] = rep
-    cfg = text_config(model_dir)
-    hp = compare_hparams(cfg, files["F16"])
+    # every file of one conversion carries the same metadata and tensor names
+    hp = compare_hparams(text_config(model_dir), files[wanted[0]])
+    hp_bad = hparam_problems(hp)
     report = {
         "name": name,
         "inputs": inputs,
+        "types": wanted,
         "files": files,
         "hparams": hp,
         "not_in_file": sorted(k for k, e in hp.items() if e["status"] == "not_in_file"),
         "build_seconds": timings,
+        "problems": problems + [f"hyper-parameter {b}" for b in hp_bad],
     }
-    hp_bad = hparam_problems(hp)
-    report["problems"] = problems + [f"hyper-parameter {b}" for b in hp_bad]
-    with open(record_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(record_path + ".tmp", record_path)
+    if not args.check_only:
+        with open(record_path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(record_path + ".tmp", record_path)
     if problems or (hp_bad and not args.allow_hparam_mismatch):
         raise CheckFailed("; ".join(report["problems"]))
     for b in hp_bad:
@@ -388,7 +458,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default="", help="more types: BF16, F32 (converted) or Q4_0, Q4_1, Q5_0, Q5_1, ... (quantized)")
     ap.add_argument("--json", help="also write the report here")
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    ap.add_argument("--check-only", action="store_true", help="build nothing: inspect and check the files OUT/NAME-<TYPE>.gguf of --quants/--extra")
     ap.add_argument("--allow-hparam-mismatch", action="store_true", help="warn instead of failing on hyper-parameters that differ")
+    ap.add_argument("--cross-check", action="store_true", help="also read every file with the tree's GGUFReader and compare (slow: ~10 s a file)")
     ap.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all cores)")
     ap.add_argument("--llamacpp", help="llama.cpp source tree (default: $PARITYBENCH_LLAMACPP)")
     ap.add_argument("--bin", help="directory with llama-quantize (default: $PARITYBENCH_LLAMACPP_BIN)")

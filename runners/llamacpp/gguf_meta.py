@@ -59,9 +59,9 @@ class GgufError(Exception):
 class ArrayInfo:
     """An array value: its element type and length; string arrays keep no items."""
 
-    item_type: int
+    item_type: int  # a GGUF value type id (8: string)
     length: int
-    items: list | None = None
+    items: list | None = None  # kept for short arrays only
 
 
 @dataclass
@@ -164,6 +164,8 @@ class _Cursor:
                 items = list(struct.unpack("<" + fmt[1:] * n, raw)) if keep_items and n <= 4096 else None
                 return ArrayInfo(item_type, n, items)
             if item_type == _STRING:
+                if keep_items and n <= 16:
+                    return ArrayInfo(item_type, n, [self.string(f"key {key!r}") for _ in range(n)])
                 for _ in range(n):
                     self.skip_string(f"key {key!r}")
                 return ArrayInfo(item_type, n, None)

@@ -8,7 +8,9 @@ sampler, `post_sampling_probs: false`), sorted by logit. So:
 - scoring: for each scored position p (ascending), one POST /completion with the token-id
   prefix `token_ids[:p+1]`, `n_predict: 1`, `n_probs: K`, `cache_prompt: true`; the slot's
   KV cache holds the previous prefix, so each request evaluates only the new tokens (O(T)
-  in all). Writes `top_ids` i32 [P, K] and `top_probs` f32 [P, K] instead of `logits`.
+  in all). The one sampled token is forced to a plain ASCII one (see `top_k_at`: the server
+  drops the probabilities of a token that ends in incomplete UTF-8). Writes `top_ids` i32
+  [P, K] and `top_probs` f32 [P, K] instead of `logits`.
 - greedy: POST /completion with the whole prompt, `n_predict: decode_steps`, the sampler
   chain reduced to `temperature` at 0 (first-max argmax in llama.cpp), `return_tokens`.
   When the model emits an end-of-generation token the server stops; the adapter then asks
@@ -154,12 +156,27 @@ class LlamaServer:
             raise ServerError(f"llama-server {endpoint} failed: {e}; log: {self.log_tail()}")
 
 
-def top_k_at(server: LlamaServer, prefix: list[int], k: int) -> tuple[list[int], list[float], int]:
+def plain_token(server: LlamaServer) -> int:
+    """The id of the text "a": a token that is complete UTF-8 on its own."""
+    ids = server.post("/tokenize", {"content": "a", "add_special": False}).get("tokens", [])
+    if len(ids) != 1:
+        raise ServerError(f"llama-server tokenizes 'a' as {ids}, expected one token")
+    return int(ids[0])
+
+
+def top_k_at(server: LlamaServer, prefix: list[int], k: int, force_id: int) -> tuple[list[int], list[float], int]:
     """Top-k (ids, probs) of the distribution predicting the token after `prefix`, and the
-    number of prompt tokens the server evaluated for it."""
+    number of prompt tokens the server evaluated for it.
+
+    llama-server drops the probabilities of a generated token whose text ends in an
+    incomplete UTF-8 sequence (it is never added to the slot's token list), so the sampled
+    token is forced with a logit bias to `force_id`, a plain ASCII token. The reported
+    probabilities are a softmax of the raw logits, taken before every sampler, so the bias
+    does not touch them."""
     resp = server.post("/completion", {
         "prompt": prefix, "n_predict": 1, "n_probs": k, "cache_prompt": True,
         "post_sampling_probs": False, "return_tokens": True, **GREEDY,
+        "logit_bias": [[force_id, 1000.0]],
     })
     probs = resp.get("completion_probabilities") or []
     if len(probs) != 1:
@@ -228,7 +245,11 @@ def run_server(req: pbproto.Request, out_dir: str, path: str, header, binary: st
         engine["git_sha"] = m.group(1)
     manifest = pbproto.base_manifest(req, engine, adapter.model_info(path, header, n_vocab, sha))
     manifest["captures"] = adapter.capture_record(req, adapter.NO_CAPTURES_SERVER)
-    with LlamaServer(binary, path, n_ctx, n_batch, n_threads, timeout) as server:
+    try:
+        server = LlamaServer(binary, path, n_ctx, n_batch, n_threads, timeout).__enter__()
+    except ServerError as e:
+        raise adapter.AdapterError(f"{path}: {e}")
+    with server:
         manifest["load_ms"] = server.load_ms
         manifest["extra"] = {
             "top_k_only": True, "top_k": k, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
@@ -254,8 +275,9 @@ def run_prompt_server(server: LlamaServer, req: pbproto.Request, i: int, p: dict
     n = req.decode_steps
     top_ids = np.zeros((len(positions), k), dtype=np.int32)  # [P, K]
     top_probs = np.zeros((len(positions), k), dtype=np.float32)  # [P, K]
+    force_id = plain_token(server)
     for row, pos in enumerate(positions):
-        tid, tp, _ = top_k_at(server, ids[: pos + 1], k)
+        tid, tp, _ = top_k_at(server, ids[: pos + 1], k, force_id)
         top_ids[row], top_probs[row] = tid, tp
     timings = {"prefill_ms": [], "decode_ms": [], "ttft_ms": []}
     generated: list[int] | None = None

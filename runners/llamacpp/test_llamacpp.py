@@ -5,6 +5,17 @@ tokenizer beside them), converted and quantized once per session by build_gguf.p
 then driven through adapter.py as a subprocess, exactly as the runner drives it. HF
 transformers' fp32 logits are computed in-process for the cross-engine check.
 
+Tolerances, and why (2 decoder layers, logits of std ~0.3 over 151,936 entries):
+- prefill vs incremental: relative L2 < 2e-3 per position. Both are the same f32 graph
+  with F16 weights; llama.cpp's CPU matmuls round activations to f16 (2^-11 ~ 4.9e-4
+  relative) along different kernel paths for a batch of T and a batch of 1.
+- F16 vs HF fp32: median relative L2 < 3e-3 (f16 weights and f16 activations, as above)
+  and top-1 agreement >= 0.9 (a few positions have top-1/top-2 margins below 1e-3).
+- Q8_0 vs F16: median relative L2 < 3e-2. Q8_0 stores each block of 32 with a step of
+  absmax/127 (~0.5 % rms of a Gaussian weight) and llama.cpp quantizes activations to Q8_0
+  for the dot products too; ~7 matrix products in sequence give ~2 %. It must also be
+  well below Q4_K_M's error, which is ~10x larger.
+
 Run: source /tmp/setup.env && $PARITYBENCH_PYTHON -m pytest runners/llamacpp -q
 """
 
@@ -24,6 +35,8 @@ ADAPTER = os.path.join(HERE, "adapter.py")
 BUILD = os.path.join(HERE, "build_gguf.py")
 PY = sys.executable
 N_VOCAB = 151936
+DECODE_STEPS = 8
+QUANTS = {"dense": "Q8_0,Q4_K_M,Q5_K_M,Q6_K", "moe": "Q8_0,Q4_K_M"}
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four "
         "papers that changed physics: the photoelectric effect, Brownian motion, special relativity, "
         "and mass-energy equivalence.")
@@ -38,7 +51,7 @@ def require_env() -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# fixtures: models, GGUFs, prompts
+# fixtures: checkpoints, GGUFs, prompt, dumps
 
 
 def save_tokenizer(dst: str) -> None:
@@ -82,7 +95,7 @@ def models(tmp_path_factory):
     out = {}
     for kind, name in (("dense", "tiny-qwen3"), ("moe", "tiny-qwen3-moe")):
         ckpt = make_checkpoint(str(root / "hf" / name), kind)
-        p = build(ckpt, str(root / "gguf" / name))
+        p = build(ckpt, str(root / "gguf" / name), "--quants", QUANTS[kind])
         assert p.returncode == 0, p.stderr[-3000:]
         out[kind] = (ckpt, json.loads(p.stdout))
     return out
@@ -102,10 +115,6 @@ def gguf(models, kind: str, quant: str) -> str:
     return models[kind][1]["files"][quant]["path"]
 
 
-# ---------------------------------------------------------------------------------------
-# driving the adapter
-
-
 def write_request(path, model: str, prompts: list[dict], **fields) -> str:
     req = {"schema": 1, "model": {"path": model}, "prompts": prompts, "mode": "prefill", **fields}
     with open(path, "w") as f:
@@ -114,7 +123,7 @@ def write_request(path, model: str, prompts: list[dict], **fields) -> str:
 
 
 def run_adapter(tmp_path, model: str, ids: list[int], tag: str, text: str | None = None, **fields):
-    """Runs adapter.py on one prompt; returns (manifest, tensors of p0)."""
+    """Runs adapter.py on one prompt as a subprocess; returns (manifest, tensors of p0)."""
     from safetensors.numpy import load_file
 
     prompt = {"id": "p", "token_ids": ids, **({"text": text} if text else {})}
@@ -125,6 +134,23 @@ def run_adapter(tmp_path, model: str, ids: list[int], tag: str, text: str | None
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True
     return manifest, load_file(str(out / manifest["prompts"][0]["file"]))
+
+
+@pytest.fixture(scope="session")
+def dump(models, prompt_ids, tmp_path_factory):
+    """dump(kind, quant, mode) -> (manifest, tensors): the standard request (all positions,
+    the prompt's text, DECODE_STEPS greedy steps), run once per session per key."""
+    root = tmp_path_factory.mktemp("dumps")
+    cache = {}
+
+    def get(kind: str, quant: str, mode: str):
+        key = (kind, quant, mode)
+        if key not in cache:
+            cache[key] = run_adapter(root, gguf(models, kind, quant), prompt_ids, "-".join(key), text=TEXT,
+                                     mode=mode, decode_steps=DECODE_STEPS)
+        return cache[key]
+
+    return get
 
 
 def run_error(tmp_path, req_path: str) -> subprocess.CompletedProcess:
@@ -152,19 +178,23 @@ def hf_logits(ckpt: str, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_k_quant_files_hold_their_k_blocks(models, kind):
+def test_quantized_files_hold_blocks_of_their_type(models, kind):
     files = models[kind][1]["files"]
-    for quant, ktype in (("Q4_K_M", "Q4_K"), ("Q5_K_M", "Q5_K"), ("Q6_K", "Q6_K"), ("Q8_0", "Q8_0")):
-        rep = files[quant]
-        blocks = rep["tensor_types"][ktype]["blocks"]
-        assert blocks > 0, (quant, rep["tensor_types"])
-        # block count = elements / block size, summed over the tensors of that type
+    expect = {"Q8_0": "Q8_0", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
+    for quant in QUANTS[kind].split(","):
+        rep, ktype = files[quant], expect[quant]
+        assert rep["metadata"]["general.file_type.name"] == quant
+        entry = rep["tensor_types"][ktype]
+        assert entry["blocks"] > 0, (quant, rep["tensor_types"])
+        # blocks = elements / block size, summed over the tensors of that type
         n = sum(int(np.prod(t["shape"])) for t in rep["tensors"].values() if t["type"] == ktype)
-        assert blocks * rep["tensor_types"][ktype]["block_size"] == n
-        assert rep["fallback_tensors"] == {} if ktype.endswith("_K") else True
+        assert entry["blocks"] * entry["block_size"] == n
+        assert entry["bytes"] > 0
+        if ktype.endswith("_K"):
+            assert rep["fallback_tensors"] == {}
     assert set(files["F16"]["tensor_types"]) == {"F16", "F32"}
-    assert files["F16"]["metadata"]["general.file_type.name"] == "F16"
-    assert files["Q4_K_M"]["metadata"]["general.file_type.name"] == "Q4_K_M"
+    # Q4_K_M is llama.cpp's mixture: Q4_K, with Q6_K for output and half of attn_v/ffn_down
+    assert set(files["Q4_K_M"]["tensor_types"]) == {"Q4_K", "Q6_K", "F32"}
 
 
 def test_moe_hyper_parameters_are_reported(models):
@@ -174,40 +204,54 @@ def test_moe_hyper_parameters_are_reported(models):
     assert meta["qwen3moe.expert_count"] == 4
     assert meta["qwen3moe.expert_used_count"] == 2
     assert meta["qwen3moe.expert_feed_forward_length"] == 256
-    assert meta["tokenizer.ggml.pre"] == "qwen2"
+    assert meta["tokenizer.ggml.pre"] == "qwen2" and meta["tokenizer.ggml.tokens"]["length"] == N_VOCAB
     hp = rep["hparams"]
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_hidden_layers",
-                "hidden_size", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "vocab_size"):
+                "hidden_size", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps",
+                "vocab_size", "tie_word_embeddings"):
         assert hp[key]["status"] == "match", (key, hp[key])
     # the converter writes no key for these; llama.cpp's qwen3moe graph assumes what this config says
-    assert {"norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"} <= set(rep["not_in_file"])
+    assert rep["not_in_file"] == ["decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"]
     assert hp["norm_topk_prob"]["llama_cpp_assumes"] is True and hp["norm_topk_prob"]["agrees"] is True
     assert rep["problems"] == []
 
 
-def test_a_hyper_parameter_llama_cpp_ignores_fails_the_build(models, tmp_path):
+def test_a_hyper_parameter_llama_cpp_ignores_fails_the_check(models, tmp_path):
     """norm_topk_prob false does not reach the GGUF and llama.cpp renormalises anyway: the
-    file would compute another model, so the build must fail loudly (exit 1)."""
+    file computes another model, so the check fails loudly (exit 1)."""
     ckpt = tmp_path / "moe-no-norm"
     shutil.copytree(models["moe"][0], ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["norm_topk_prob"] = False
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    p = build(str(ckpt), str(tmp_path / "out"), "--quants", "")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(gguf(models, "moe", "F16"), out / "moe-no-norm-F16.gguf")
+    p = build(str(ckpt), str(out), "--check-only", "--quants", "F16")
     assert p.returncode == 1, p.stderr[-2000:]
-    assert "norm_topk_prob" in p.stderr and "assumes True" in p.stderr
+    assert "norm_topk_prob: config False did not reach the file and llama.cpp assumes True" in p.stderr
 
 
-def test_k_quant_fallback_is_a_loud_failure(models, tmp_path):
-    """A Q4_K_M file whose inspection finds no Q4_K blocks is rejected: relabel a real Q8_0
-    file as Q4_K_M and run the same check build_gguf.py runs on every file."""
+def test_a_k_quant_file_without_k_blocks_fails_the_check(models, tmp_path):
+    """What a silent llama-quantize fallback leaves: a file named Q4_K_M without Q4_K blocks
+    (here a real Q8_0 file under that name)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(gguf(models, "dense", "Q8_0"), out / "tiny-qwen3-Q4_K_M.gguf")
+    p = build(models["dense"][0], str(out), "--check-only", "--quants", "Q4_K_M")
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "tiny-qwen3-Q4_K_M.gguf: a Q4_K_M file holds no Q4_K blocks" in p.stderr and "Q8_0" in p.stderr
+
+
+def test_inspection_agrees_with_gguf_py_reader(models):
+    """The fast header reader and the tree's GGUFReader see the same tensors and metadata."""
     sys.path.insert(0, HERE)
     import build_gguf
 
     gg = build_gguf.gguf_module(os.environ["PARITYBENCH_LLAMACPP"])
-    rep = build_gguf.inspect(gg, gguf(models, "dense", "Q8_0"), "Q4_K_M")
-    problems = build_gguf.check_blocks(rep)
-    assert len(problems) == 1 and "no Q4_K blocks" in problems[0] and "Q8_0" in problems[0]
+    build_gguf.check_type_tables(gg)
+    rep = models["moe"][1]["files"]["Q4_K_M"]
+    assert build_gguf.cross_check(gg, rep) == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,91 +259,93 @@ def test_k_quant_fallback_is_a_loud_failure(models, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_prefill_and_incremental_agree(models, prompt_ids, tmp_path, kind):
-    model = gguf(models, kind, "F16")
-    mp, tp = run_adapter(tmp_path, model, prompt_ids, "pre", decode_steps=8, mode="prefill")
-    mi, ti = run_adapter(tmp_path, model, prompt_ids, "inc", decode_steps=8, mode="incremental")
+def test_prefill_and_incremental_agree(dump, prompt_ids, kind):
+    mp, tp = dump(kind, "F16", "prefill")
+    mi, ti = dump(kind, "F16", "incremental")
     T = len(prompt_ids)
     assert tp["logits"].shape == (T, N_VOCAB) and tp["logits"].dtype == np.float32
     assert np.isfinite(tp["logits"]).all()
     err = rel_l2(ti["logits"], tp["logits"])
     assert err.max() < 2e-3, err.max()
     assert (tp["logits"].argmax(-1) == ti["logits"].argmax(-1)).mean() >= 0.95
-    assert tp["generated"].tolist() == ti["generated"].tolist() and len(tp["generated"]) == 8
-    assert (tp["positions"] == np.arange(T)).all() and (tp["token_ids"] == prompt_ids).all()
+    assert tp["generated"].tolist() == ti["generated"].tolist() and len(tp["generated"]) == DECODE_STEPS
+    assert (tp["positions"] == np.arange(T)).all() and tp["token_ids"].tolist() == prompt_ids
     rec = mp["prompts"][0]
-    assert len(rec["timings"]["prefill_ms"]) == 1 and rec["timings"]["decode_tokens"] == 7
+    assert len(rec["timings"]["prefill_ms"]) == 1 and rec["timings"]["decode_tokens"] == DECODE_STEPS - 1
     assert rec["timings"]["ttft_ms"][0] >= rec["timings"]["prefill_ms"][0]
-    assert mi["mode"] == "incremental"
+    assert rec["tokenizer_match"] is True
+    assert mp["mode"] == "prefill" and mi["mode"] == "incremental"
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_f16_matches_hf_fp32(models, dump, prompt_ids, kind):
+    _, t = dump(kind, "F16", "prefill")
+    ref = hf_logits(models[kind][0], prompt_ids)
+    agree = (t["logits"].argmax(-1) == ref.argmax(-1)).mean()
+    assert agree >= 0.9, agree
+    err = rel_l2(t["logits"], ref)
+    assert np.median(err) < 3e-3, err
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_q8_0_is_close_to_f16(dump, kind):
+    _, f16 = dump(kind, "F16", "prefill")
+    _, q8 = dump(kind, "Q8_0", "prefill")
+    _, q4 = dump(kind, "Q4_K_M", "prefill")
+    e8, e4 = np.median(rel_l2(q8["logits"], f16["logits"])), np.median(rel_l2(q4["logits"], f16["logits"]))
+    assert e8 < 3e-2, e8
+    assert e8 < e4 / 4, (e8, e4)  # a pipeline that mixed the files up would not show this
+    assert (q8["logits"].argmax(-1) == f16["logits"].argmax(-1)).mean() >= 0.9
 
 
 def test_manifest_records_provenance_and_absent_captures(models, prompt_ids, tmp_path):
     model = gguf(models, "moe", "Q4_K_M")
-    m, t = run_adapter(tmp_path, model, prompt_ids, "prov", text=TEXT, positions=[0, 5, len(prompt_ids) - 1],
+    last = len(prompt_ids) - 1
+    m, t = run_adapter(tmp_path, model, prompt_ids, "prov", positions=[0, 5, last],
                        captures={"points": ["attn_out", "moe_router"], "layers": "all"}, warmup=1, repeats=2)
     e, mo = m["engine"], m["model"]
     assert e["name"] == "llama.cpp" and e["backend"] == "llama.cpp-cpu" and e["device"] == "cpu"
     assert e["version"] == e["versions"]["llama-cpp-python"] == "0.3.36"
-    assert "sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e" in e["versions"]["sdist"]
-    assert "llama.cpp build" in e["versions"] and e["git_sha"]
+    assert e["versions"]["sdist"].endswith("sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+    assert "build" in e["versions"]["llama.cpp build"] and e["git_sha"] == e["versions"]["ggml commit"]
     assert mo["format"] == "gguf" and mo["quant"] == "Q4_K_M" and mo["architecture"] == "qwen3moe"
     assert mo["n_layers"] == 2 and mo["vocab_size"] == N_VOCAB and mo["compute_dtype"] == "f32"
     assert mo["sha256"] == models["moe"][1]["files"]["Q4_K_M"]["sha256"]
     assert set(mo["assumed"]) == {"norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"}
     assert m["captures"]["points"] == [] and set(m["captures"]["absent"]) == {"attn_out", "moe_router"}
     assert not any(k.startswith("hidden.") for k in t)
-    assert t["logits"].shape == (3, N_VOCAB) and t["positions"].tolist() == [0, 5, len(prompt_ids) - 1]
+    assert t["logits"].shape == (3, N_VOCAB) and t["positions"].tolist() == [0, 5, last]
     rec = m["prompts"][0]
-    assert rec["tokenizer_match"] is True
+    assert "tokenizer_match" not in rec  # the prompt had no text
     assert len(rec["timings"]["prefill_ms"]) == 2 and rec["peak_rss_bytes"] > 0 and m["load_ms"] > 0
-
-
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_f16_top1_matches_hf_fp32(models, prompt_ids, tmp_path, kind):
-    ckpt = models[kind][0]
-    _, t = run_adapter(tmp_path, gguf(models, kind, "F16"), prompt_ids, "f16")
-    ref = hf_logits(ckpt, prompt_ids)
-    agree = (t["logits"].argmax(-1) == ref.argmax(-1)).mean()
-    assert agree >= 0.9, agree
-    err = rel_l2(t["logits"], ref)
-    assert np.median(err) < 1e-2, err
-
-
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_q8_0_is_close_to_f16(models, prompt_ids, tmp_path, kind):
-    _, f16 = run_adapter(tmp_path, gguf(models, kind, "F16"), prompt_ids, "f16")
-    _, q8 = run_adapter(tmp_path, gguf(models, kind, "Q8_0"), prompt_ids, "q8")
-    _, q4 = run_adapter(tmp_path, gguf(models, kind, "Q4_K_M"), prompt_ids, "q4")
-    e8, e4 = rel_l2(q8["logits"], f16["logits"]), rel_l2(q4["logits"], f16["logits"])
-    assert np.median(e8) < 2e-2, e8
-    # Q8_0 is the finer quantization; a pipeline that mixed files up would not show this order
-    assert np.median(e8) < np.median(e4) / 2, (np.median(e8), np.median(e4))
-    assert (q8["logits"].argmax(-1) == f16["logits"].argmax(-1)).mean() >= 0.9
 
 
 # ---------------------------------------------------------------------------------------
 # the server path: top-k only
 
 
-def test_server_top1_equals_full_logit_argmax(models, prompt_ids, tmp_path):
-    model = gguf(models, "dense", "F16")
-    _, full = run_adapter(tmp_path, model, prompt_ids, "inc", mode="incremental", decode_steps=6)
-    m, srv = run_adapter(tmp_path, model, prompt_ids, "srv", text=TEXT, decode_steps=6,
-                         options={"backend": "server", "top_k": 5})
+def test_server_top_k_matches_the_full_logits(models, dump, prompt_ids, tmp_path):
+    _, full = dump("dense", "F16", "incremental")
+    m, srv = run_adapter(tmp_path, gguf(models, "dense", "F16"), prompt_ids, "srv", text=TEXT,
+                         decode_steps=DECODE_STEPS, options={"backend": "server", "top_k": 5})
     T = len(prompt_ids)
     assert "logits" not in srv and srv["top_ids"].shape == (T, 5) and srv["top_probs"].shape == (T, 5)
+    assert srv["top_ids"].dtype == np.int32 and srv["top_probs"].dtype == np.float32
     logits = full["logits"].astype(np.float64)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     decided = (top2[:, 1] - top2[:, 0]) > 1e-3  # positions without a near-tie
     assert decided.mean() > 0.8
     assert (srv["top_ids"][:, 0] == logits.argmax(-1))[decided].all()
-    # top_probs are the softmax of the same logits
+    # top_probs: the softmax of the same logits (the server scores through the single-token
+    # decode path, as the library's incremental mode does)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(srv["top_probs"], np.take_along_axis(p, srv["top_ids"].astype(np.int64), -1), atol=2e-3)
+    np.testing.assert_allclose(srv["top_probs"], np.take_along_axis(p, srv["top_ids"].astype(np.int64), -1), rtol=1e-3)
     assert srv["generated"].tolist() == full["generated"].tolist()
     assert m["extra"]["top_k_only"] is True and m["engine"]["backend"] == "llama-server-cpu"
-    assert m["prompts"][0]["tokenizer_match"] is True
+    rec = m["prompts"][0]
+    assert rec["tokenizer_match"] is True and rec["timings"]["decode_tokens"] == DECODE_STEPS - 1
+    assert rec["timings"]["prefill_ms"][0] > 0 and rec["peak_rss_bytes"] > 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,46 +355,65 @@ def test_server_top1_equals_full_logit_argmax(models, prompt_ids, tmp_path):
 def test_missing_model_file(tmp_path, prompt_ids):
     missing = str(tmp_path / "nope.gguf")
     p = run_error(tmp_path, write_request(tmp_path / "r.json", missing, [{"id": "a", "token_ids": prompt_ids}]))
-    assert p.returncode == 2 and missing in p.stderr and "not found" in p.stderr
+    assert p.returncode == 2 and missing in p.stderr and "not found" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("body", ["{not json", json.dumps({"schema": 1, "prompts": [], "mode": "prefill"}),
-                                  json.dumps({"schema": 1, "model": {"path": "x.gguf"}, "mode": "sideways",
-                                              "prompts": [{"id": "a", "token_ids": [1]}]})])
-def test_malformed_request(tmp_path, body):
+@pytest.mark.parametrize("body, field", [
+    ("{not json", "malformed JSON"),
+    (json.dumps({"schema": 1, "prompts": [{"id": "a", "token_ids": [1]}], "mode": "prefill"}), "`model`"),
+    (json.dumps({"schema": 1, "model": {"path": "x.gguf"}, "mode": "sideways",
+                 "prompts": [{"id": "a", "token_ids": [1]}]}), "`mode`"),
+    (json.dumps({"schema": 1, "model": {"path": "x.gguf"}, "mode": "prefill", "options": {"bakend": "server"},
+                 "prompts": [{"id": "a", "token_ids": [1]}]}), "bakend"),
+])
+def test_malformed_request(tmp_path, body, field):
     req = tmp_path / "bad.json"
     req.write_text(body)
     p = run_error(tmp_path, str(req))
-    assert p.returncode == 2 and str(req) in p.stderr, p.stderr
+    assert p.returncode == 2 and str(req) in p.stderr and field in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("backend", ["library", "server"])
-def test_garbage_gguf(models, tmp_path, prompt_ids, backend):
+def broken_ggufs(models, tmp_path) -> list:
     rng = np.random.default_rng(0)
     junk = tmp_path / "random.gguf"
     junk.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    truncated = tmp_path / "truncated.gguf"
-    with open(gguf(models, "dense", "Q8_0"), "rb") as f:
-        truncated.write_bytes(f.read(3_000_000))
     fake_magic = tmp_path / "fake-magic.gguf"
     fake_magic.write_bytes(b"GGUF" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    for path in (junk, truncated, fake_magic):
+    data = open(gguf(models, "dense", "Q8_0"), "rb").read()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    # a well-formed file that llama.cpp itself refuses: an architecture it does not know
+    bad_arch = tmp_path / "bad-arch.gguf"
+    i = data.index(b"qwen3", data.index(b"general.architecture"))
+    bad_arch.write_bytes(data[:i] + b"qwenX" + data[i + 5:])
+    return [(junk, "not a GGUF"), (fake_magic, "version"), (truncated, "truncated"), (bad_arch, "qwenX")]
+
+
+@pytest.mark.parametrize("backend", ["library", "server"])
+def test_broken_gguf(models, tmp_path, prompt_ids, backend):
+    for path, why in broken_ggufs(models, tmp_path):
         req = write_request(tmp_path / "r.json", str(path), [{"id": "a", "token_ids": prompt_ids}],
                             options={"backend": backend})
         p = run_error(tmp_path, req)
-        assert p.returncode == 2 and str(path) in p.stderr, (path, p.stderr)
+        assert p.returncode == 2 and str(path) in p.stderr and why in p.stderr, (path, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "err-dump" / "manifest.json").exists()
 
 
-def test_token_id_beyond_vocab(models, tmp_path):
+@pytest.mark.parametrize("backend", ["library", "server"])
+def test_token_id_beyond_vocab(models, tmp_path, backend):
     model = gguf(models, "dense", "Q8_0")
-    req = write_request(tmp_path / "r.json", model, [{"id": "a", "token_ids": [1, 2, N_VOCAB]}])
+    req = write_request(tmp_path / "r.json", model, [{"id": "a", "token_ids": [1, 2, N_VOCAB]}],
+                        options={"backend": backend})
     p = run_error(tmp_path, req)
-    assert p.returncode == 2 and str(N_VOCAB) in p.stderr and model in p.stderr, p.stderr
+    assert p.returncode == 2 and f"id {N_VOCAB} >= n_vocab {N_VOCAB}" in p.stderr and model in p.stderr, p.stderr
 
 
 def test_describe():
     p = subprocess.run([PY, ADAPTER, "describe"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
-    assert d["name"] == "llama.cpp" and "llama.cpp-cpu" in d["backends"] and "llama-server" in d["backends"]
+    assert d["name"] == "llama.cpp" and d["version"] == "0.3.36"
+    assert d["backends"] == ["llama.cpp-cpu", "llama-server"]
+    assert d["capabilities"]["captures"] == [] and d["capabilities"]["modes"] == ["prefill", "incremental"]
