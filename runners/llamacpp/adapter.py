@@ -74,7 +74,7 @@ def describe() -> dict:
 
         info["version"] = llama_cpp.__version__
         info["versions"] = library_versions(llama_cpp)
-        info["git_sha"] = info["versions"].get("ggml commit")
+        info["git_sha"] = info["versions"].get("llama.cpp commit") or info["versions"].get("ggml commit")
         info["backends"].append(library_backend(llama_cpp))
         if llama_cpp.llama_supports_gpu_offload():
             info["capabilities"]["devices"].append("cuda")
@@ -136,8 +136,25 @@ def library_versions(llama_cpp) -> dict:
         v["ggml"] = gv
     if gc:
         v["ggml commit"] = gc
+        full = tree_commit(gc)
+        if full:
+            v["llama.cpp commit"] = full
     v.update(tree_build_info())
     return v
+
+
+def tree_commit(short: str) -> str | None:
+    """The full sha of the tree in $PARITYBENCH_LLAMACPP, if it is the commit `short` that
+    the library reports (the sdist carries the vendored submodule's .git)."""
+    tree = os.environ.get("PARITYBENCH_LLAMACPP")
+    if not tree:
+        return None
+    try:
+        p = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    full = p.stdout.strip()
+    return full if p.returncode == 0 and full.startswith(short.split("-")[0]) else None
 
 
 def tree_build_info() -> dict:
@@ -339,7 +356,7 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
         "device_name": cpu_name(),
         "versions": library_versions(llama_cpp),
     }
-    gc = engine["versions"].get("ggml commit")
+    gc = engine["versions"].get("llama.cpp commit") or engine["versions"].get("ggml commit")
     if gc:
         engine["git_sha"] = gc
     manifest = pbproto.base_manifest(req, engine, model_info(path, header, n_vocab, sha))

@@ -78,6 +78,12 @@ class LlamaServer:
         ]
 
     def __enter__(self) -> "LlamaServer":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def start(self) -> None:
+        """Starts the server and waits until /health answers 200; ServerError otherwise."""
         port = self.port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
@@ -89,7 +95,6 @@ class LlamaServer:
             self.stop()
             raise
         self.load_ms = (time.perf_counter() - t0) * 1e3
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -242,11 +247,12 @@ def run_server(req: pbproto.Request, out_dir: str, path: str, header, binary: st
     }
     m = re.search(r"commit ([0-9a-f]+)", version)
     if m:
-        engine["git_sha"] = m.group(1)
+        engine["git_sha"] = adapter.tree_commit(m.group(1)) or m.group(1)
     manifest = pbproto.base_manifest(req, engine, adapter.model_info(path, header, n_vocab, sha))
     manifest["captures"] = adapter.capture_record(req, adapter.NO_CAPTURES_SERVER)
+    server = LlamaServer(binary, path, n_ctx, n_batch, n_threads, timeout)
     try:
-        server = LlamaServer(binary, path, n_ctx, n_batch, n_threads, timeout).__enter__()
+        server.start()
     except ServerError as e:
         raise adapter.AdapterError(f"{path}: {e}")
     with server:
