@@ -220,10 +220,10 @@ def check_request(req: pbproto.Request) -> tuple[str, GgufHeader]:
     fmt = req.raw["model"].get("format")
     if fmt not in (None, "gguf"):
         raise AdapterError(f"{req.path}: invalid field `model.format`: {fmt!r}: llama.cpp reads gguf only")
-    if not isinstance(req.raw.get("decode_steps", 0), int) or req.decode_steps < 0:
-        raise AdapterError(f"{req.path}: invalid field `decode_steps`: {req.raw.get('decode_steps')!r}")
-    if req.warmup < 0 or req.repeats < 1:
-        raise AdapterError(f"{req.path}: invalid fields `warmup`/`repeats`: {req.warmup}/{req.repeats} (>= 0 / >= 1)")
+    for key, default, least in (("decode_steps", 0, 0), ("warmup", 0, 0), ("repeats", 1, 1)):
+        v = req.raw.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise AdapterError(f"{req.path}: invalid field `{key}`: {v!r} (an integer >= {least})")
     path = req.model_path
     if not os.path.exists(path):
         raise AdapterError(f"{path}: model file not found (request field `model.path`)")
