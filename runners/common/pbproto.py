@@ -243,6 +243,9 @@ class PromptResult:
     tokenizer_match: bool | None = None
     peak_rss_bytes: int | None = None
     peak_gpu_bytes: int | None = None
+    # top-k-only engines (docs/PROTOCOL.md): written instead of `logits`
+    top_ids: np.ndarray | None = None  # [P, K] i32, descending by probability
+    top_probs: np.ndarray | None = None  # [P, K] f32
 
 
 class DumpWriter:
@@ -273,6 +276,10 @@ class DumpWriter:
         }
         if r.logits is not None:
             tensors["logits"] = np.ascontiguousarray(r.logits, dtype=np.float32)
+        if r.top_ids is not None:
+            tensors["top_ids"] = np.ascontiguousarray(r.top_ids, dtype=np.int32)
+        if r.top_probs is not None:
+            tensors["top_probs"] = np.ascontiguousarray(r.top_probs, dtype=np.float32)
         for k, v in r.hidden.items():
             v = np.ascontiguousarray(v)
             if k.startswith("hidden.moe_topk_ids."):
@@ -281,7 +288,7 @@ class DumpWriter:
                 v = v.astype(np.float32)
             tensors[k] = v
         for k, v in tensors.items():
-            if k in ("logits",) or k.startswith("hidden."):
+            if k in ("logits", "top_ids", "top_probs") or k.startswith("hidden."):
                 if v.ndim != 2 or v.shape[0] != P:
                     raise ProtocolError(f"{path}: tensor `{k}` has shape {list(v.shape)}, expected [{P}, .]")
         save_file(tensors, tmp)
