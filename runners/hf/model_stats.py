@@ -5,7 +5,8 @@ The seeded models are random; their initialisation is meant to make them sharp e
 an engine bug shows (see src/fixtures/models.rs). This script measures that, per model:
 
 - top-1 probability at the suite's scored positions (median, p10, p90), the spread of the
-  logits over the vocabulary, and how many distinct tokens win;
+  logits over the vocabulary, how many distinct tokens win, and how often the winner is the
+  input token itself (a tied embedding can make a random model just echo its input);
 - attention entropy (eager attention, `output_attentions`) over every query position >= 1,
   in nats and as a fraction of the uniform entropy log(number of keys), overall and per layer;
 - how much each layer moves the residual stream: ||out - in|| / ||in|| per decoder layer;
@@ -70,12 +71,18 @@ def r4(x: float) -> float:
 
 
 def measure(model_dir: Path, prompts: list[dict]) -> dict:
+    """Loads a generated model (f32, eager attention) and measures it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    return measure_model(model.eval(), prompts)
+
+
+def measure_model(model, prompts: list[dict]) -> dict:
+    """The statistics of one loaded model (eager attention) over the suite's prompts."""
+    import torch
+
     layers = model.model.layers
 
     routed: dict[int, list] = {}
@@ -101,7 +108,7 @@ def measure(model_dir: Path, prompts: list[dict]) -> dict:
         if gate is not None and type(gate).__name__.endswith("Router"):
             hooks.append(gate.register_forward_hook(router_hook(i)))
 
-    top1, logit_std, winners = [], [], []
+    top1, logit_std, winners, repeats = [], [], [], 0
     ent_sum = [0.0] * len(layers)
     frac_sum = [0.0] * len(layers)
     n_rows = [0] * len(layers)
@@ -114,7 +121,9 @@ def measure(model_dir: Path, prompts: list[dict]) -> dict:
             logits = out.logits[0, pos].double()  # [P, V]
             probs = torch.softmax(logits, dim=-1)
             top1.extend(probs.max(dim=-1).values.tolist())
-            winners.extend(probs.argmax(dim=-1).tolist())
+            best = probs.argmax(dim=-1).tolist()
+            winners.extend(best)
+            repeats += sum(int(b == p["token_ids"][q]) for b, q in zip(best, pos))
             logit_std.extend(logits.std(dim=-1, unbiased=False).tolist())
             uniform = torch.log(torch.arange(1, t + 1, dtype=torch.float64))  # [T] keys per query
             for li, att in enumerate(out.attentions):
@@ -134,6 +143,7 @@ def measure(model_dir: Path, prompts: list[dict]) -> dict:
         "p10_top1_prob": r4(top1_t.quantile(0.1).item()),
         "p90_top1_prob": r4(top1_t.quantile(0.9).item()),
         "distinct_top1_fraction": r4(len(set(winners)) / len(winners)),
+        "top1_is_input_fraction": r4(repeats / len(winners)),
         "mean_logit_std": r4(sum(logit_std) / len(logit_std)),
         "attention_entropy_mean": r4(sum(ent_sum) / sum(n_rows)),
         "attention_entropy_frac_of_uniform": r4(sum(frac_sum) / sum(n_rows)),
