@@ -9,6 +9,7 @@ Skips with a message when they are not there; fails instead when `CI` is set.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -113,3 +114,112 @@ def test_tokenizer_loads_and_reproduces_the_suite(name):
     assert len(tok) == 151669
     for p in suite():
         assert tok(p["text"], add_special_tokens=False)["input_ids"] == p["token_ids"], p["id"]
+
+
+# An independent port of src/fixtures/prng.rs and the fills in src/fixtures/gen.rs: the
+# generator's bytes follow from its written definition, not from one implementation's quirks
+# (Python integers and numpy float32 arithmetic instead of Rust's).
+_M64 = (1 << 64) - 1
+
+
+def _stream(model_seed: int, name: str):
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256(b"paritybench/fixtures/prng/v1\0" + struct.pack("<Q", model_seed) + name.encode()).digest()
+    sm = struct.unpack("<Q", digest[:8])[0]
+    state = []
+    for _ in range(4):
+        sm = (sm + 0x9E3779B97F4A7C15) & _M64
+        z = sm
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        state.append(z ^ (z >> 31))
+
+    def rotl(x, k):
+        return ((x << k) | (x >> (64 - k))) & _M64
+
+    while True:
+        s = state
+        out = (rotl((s[1] * 5) & _M64, 7) * 9) & _M64
+        t = (s[1] << 17) & _M64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = rotl(s[3], 45)
+        yield out
+
+
+def _normal(u: int):
+    import numpy as np
+
+    scale = np.frombuffer(bytes.fromhex("37ddb3d7")[::-1], dtype=np.float32)[0]
+    total = (u & 0xFFFF) + ((u >> 16) & 0xFFFF) + ((u >> 32) & 0xFFFF) + (u >> 48)
+    return np.float32(total - 131070) * scale
+
+
+def _port_values(model_seed: int, name: str, shape: list[int], init: dict, count: int):
+    """The first `count` values of a tensor, as the Rust generator defines them."""
+    import numpy as np
+
+    f32 = np.float32
+    rng = _stream(model_seed, name)
+    numel = math.prod(shape)
+    if init["kind"] == "normal":
+        return np.array([_normal(next(rng)) * f32(init["std"]) for _ in range(count)], dtype=np.float32)
+    if init["kind"] == "gain":
+        g = init["gain"]
+        v = np.array([_normal(next(rng)) * f32(g["jitter"]) + f32(g["mean"]) for _ in range(numel)], dtype=np.float32)
+        chosen = []
+        while len(chosen) < min(g["outliers"], numel):
+            i = (next(rng) * numel) >> 64
+            if i not in chosen:
+                chosen.append(i)
+                v[i] = v[i] * f32(g["outlier_gain"])
+        return v[:count]
+    rows, cols = shape[0], numel // shape[0]
+    lo, hi = init["row_scale"]
+    out = []
+    for r in range(rows):
+        t = r / (rows - 1) if rows > 1 else 0.0
+        row_std = f32(init["std"] * (lo + (hi - lo) * t))
+        out.extend(_normal(next(rng)) * row_std for _ in range(cols))
+        if len(out) >= count:
+            break
+    return np.array(out[:count], dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_weights_match_an_independent_port_of_the_generator(name):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    d = model_dir(name)
+    lock = json.loads((REPO / "fixtures" / "models.lock.json").read_text(encoding="utf-8"))["models"][name]
+    spec, init = lock["spec"], lock["spec"]["init"]
+    seed = spec["seed"]
+    tensors = load_file(str(d / "model.safetensors"))
+    checks = [
+        ("model.embed_tokens.weight", {"kind": "normal", "std": init["embed_std"]}, 2048),
+        ("model.layers.0.input_layernorm.weight", {"kind": "gain", "gain": init["input_layernorm"]}, None),
+        ("model.layers.3.post_attention_layernorm.weight", {"kind": "gain", "gain": init["post_attention_layernorm"]}, None),
+        ("model.norm.weight", {"kind": "gain", "gain": init["final_norm"]}, None),
+        ("model.layers.2.self_attn.o_proj.weight", {"kind": "normal", "std": init["o_std"]}, 1024),
+    ]
+    if spec["arch"] == "qwen3_moe":
+        sparse = [i for i in range(4) if i not in spec["moe"]["mlp_only_layers"]]
+        checks.append((f"model.layers.{sparse[0]}.mlp.gate.weight",
+                       {"kind": "rows", "std": init["router_std"], "row_scale": init["router_row_scale"]}, None))
+        checks.append((f"model.layers.{sparse[-1]}.mlp.experts.5.down_proj.weight",
+                       {"kind": "normal", "std": init["expert_down_std"]}, 512))
+    if spec["arch"] in ("qwen3", "qwen3_moe"):
+        checks.append(("model.layers.1.self_attn.k_norm.weight", {"kind": "gain", "gain": init["qk_norm"]}, None))
+    if spec["arch"] == "qwen2":
+        checks.append(("model.layers.1.self_attn.k_proj.bias", {"kind": "normal", "std": init["qkv_bias_std"]}, None))
+    for tname, tinit, count in checks:
+        stored = tensors[tname].reshape(-1)
+        n = stored.size if count is None else count
+        want = _port_values(seed, tname, list(tensors[tname].shape), tinit, n)
+        assert want.tobytes() == stored[:n].tobytes(), f"{name}: {tname} differs from the port of the generator"
