@@ -1,18 +1,45 @@
 //! `runner fixtures gen|build|verify`: seeded models, GGUF files and reference dumps.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use super::Outcome;
-use crate::fixtures::{self, GenError, Lock, ModelSpec, TokenizerFiles};
+use crate::fixtures::{self, build, build::BuildConfig, GenError, Lock, ModelSpec, TokenizerFiles};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Generate the seeded HF-format models (bit-identical on every machine) and check them
     /// against the lock file.
     Gen(GenArgs),
+    /// Build every model, GGUF file and reference dump of a suite, measure the noise floors
+    /// and cross-check the references (cached: unchanged requests are not re-run).
+    Build(BuildArgs),
+    /// Check every sha256 the fixture records (models also against the committed lock).
+    Verify(BuildArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// The prompt suite (a name under fixtures/suites, or a path).
+    #[arg(long, default_value = "default")]
+    suite: String,
+    /// Models, comma-separated [default: the small models].
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Re-run every reference even when its request is unchanged.
+    #[arg(long)]
+    force: bool,
+    /// Timeout of one adapter run, seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_s: u64,
+    /// The lock file.
+    #[arg(long, default_value = fixtures::DEFAULT_LOCK)]
+    lock: PathBuf,
+    /// Print the fixture record as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +64,8 @@ pub struct GenArgs {
 pub fn run(cmd: Command) -> anyhow::Result<Outcome> {
     match cmd {
         Command::Gen(args) => run_gen(args),
+        Command::Build(args) => run_build(args),
+        Command::Verify(args) => run_verify(args),
     }
 }
 
@@ -100,4 +129,81 @@ fn select_models(args: &GenArgs) -> Result<Vec<ModelSpec>, GenError> {
                 .ok_or_else(|| GenError::UnknownModel { name: name.clone(), known: fixtures::model_names() })
         })
         .collect()
+}
+
+fn build_config(args: &BuildArgs) -> anyhow::Result<BuildConfig> {
+    let repo = std::env::current_dir().context("current directory")?;
+    let suite_path = if args.suite.contains('/') || args.suite.ends_with(".jsonl") {
+        PathBuf::from(&args.suite)
+    } else {
+        repo.join("fixtures/suites").join(format!("{}.jsonl", args.suite))
+    };
+    let suite = fixtures::Suite::load(&suite_path)?;
+    let models = if args.models.is_empty() {
+        fixtures::all_models().into_iter().filter(|m| m.default_set).collect()
+    } else {
+        args.models
+            .iter()
+            .map(|name| {
+                fixtures::find_model(name.trim())
+                    .ok_or_else(|| GenError::UnknownModel { name: name.clone(), known: fixtures::model_names() })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let root = fixtures::cache_dir().context("neither PARITYBENCH_CACHE nor HOME is set")?.join("fixtures");
+    let python = std::env::var_os("PARITYBENCH_PYTHON")
+        .map(PathBuf::from)
+        .context("PARITYBENCH_PYTHON is not set: run `eval \"$(bash runners/setup.sh)\"` first")?;
+    Ok(BuildConfig { repo, root, suite, models, python, force: args.force, timeout: Duration::from_secs(args.timeout_s) })
+}
+
+fn load_lock(path: &std::path::Path) -> anyhow::Result<Lock> {
+    Lock::load(path)?.with_context(|| format!("lock file {} does not exist", path.display()))
+}
+
+fn run_build(args: BuildArgs) -> anyhow::Result<Outcome> {
+    let cfg = build_config(&args)?;
+    let lock = load_lock(&args.lock)?;
+    let tokenizer = TokenizerFiles::from_env()?;
+    let started = Instant::now();
+    let built = build::build(&cfg, &lock, &tokenizer)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&built.record)?);
+    } else {
+        println!("\nNoise floors and cross-checks (A vs B; relL2 = |A-B|/|B| of the logits, per position; KLD = KL(B||A)):");
+        print!("{}", build::render_floors(&built.record.floors));
+        println!(
+            "\nfixture {} ({} models, suite {} with {} scored positions) in {:.0} s: {}",
+            built.record.fixture_id,
+            built.record.models.len(),
+            built.record.suite.name,
+            built.record.suite.scored_positions,
+            started.elapsed().as_secs_f64(),
+            cfg.record_path().display()
+        );
+    }
+    if built.checks_failed > 0 {
+        eprintln!(
+            "\nWARNING: {} cross-check(s) FAILED: a reference disagrees with the others beyond its dtype's floor; do not trust it until explained (see the table above).",
+            built.checks_failed
+        );
+        return Ok(Outcome::GateFailed);
+    }
+    Ok(Outcome::Passed)
+}
+
+fn run_verify(args: BuildArgs) -> anyhow::Result<Outcome> {
+    let cfg = build_config(&args)?;
+    let lock = load_lock(&args.lock)?;
+    let (rec, checked, problems) = build::verify(&cfg, &lock)?;
+    for p in &problems {
+        eprintln!("MISMATCH {}: {}", p.path.display(), p.problem);
+    }
+    if problems.is_empty() {
+        println!("fixture {}: {checked} files verified, every sha256 matches", rec.fixture_id);
+        Ok(Outcome::Passed)
+    } else {
+        println!("fixture {}: {} of {checked} files do not match", rec.fixture_id, problems.len());
+        Ok(Outcome::GateFailed)
+    }
 }
