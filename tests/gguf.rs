@@ -414,7 +414,8 @@ fn f32_gguf_tensors_equal_the_hf_checkpoint_in_pytorch_order() {
     for name in names {
         let view = st.tensor(&hf_name(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(weights.shape(&name).as_deref(), Some(view.shape()), "{name}");
-        let want: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let want: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         assert_bit_exact(&name, &weights.load_f32(&name).expect("load"), &want);
     }
     // unambiguous shapes (hidden 256, intermediate 512, 4 x 64 query heads, 2 x 64 KV heads)
@@ -606,7 +607,12 @@ fn tokenizer_errors_name_the_file() {
 fn q4_k_throughput() {
     let Some(root) = data_dir() else { return };
     let file = GgufFile::open(&root.join("qwen3-dense/qwen3-dense-Q4_K_M.gguf")).expect("Q4_K_M file");
-    let t = file.tensors().iter().filter(|t| t.ggml_type == GgmlType::Q4K).max_by_key(|t| t.n_bytes).expect("a Q4_K tensor");
+    let t = file
+        .tensors()
+        .iter()
+        .filter(|t| t.ggml_type == GgmlType::Q4K)
+        .max_by_key(|t| t.n_bytes)
+        .expect("a Q4_K tensor");
     let bytes = file.tensor_bytes(t);
     let mut out = vec![0f32; t.n_elements as usize];
     quants::dequantize(t.ggml_type, bytes, &mut out).expect("warm-up");

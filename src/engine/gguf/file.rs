@@ -343,7 +343,10 @@ pub enum MetaValue {
     Bool(bool),
     String(String),
     /// Items all of `item_type` (itself possibly `Array`).
-    Array { item_type: ValueType, items: Vec<MetaValue> },
+    Array {
+        item_type: ValueType,
+        items: Vec<MetaValue>,
+    },
     U64(u64),
     I64(i64),
     F64(f64),
@@ -660,7 +663,11 @@ impl GgufFile {
     pub fn get_int_array(&self, key: &str) -> Result<Option<Vec<i64>>, GgufError> {
         let Some(v) = self.get(key) else { return Ok(None) };
         let Some((_, items)) = v.as_array() else { return Err(self.wrong_type(key, "array of integers", v)) };
-        items.iter().map(|x| x.as_i64().ok_or_else(|| self.wrong_type(key, "array of integers", v))).collect::<Result<Vec<_>, _>>().map(Some)
+        items
+            .iter()
+            .map(|x| x.as_i64().ok_or_else(|| self.wrong_type(key, "array of integers", v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     fn require(&self, key: &str) -> Result<&MetaValue, GgufError> {

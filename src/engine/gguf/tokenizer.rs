@@ -30,7 +30,8 @@ use super::file::{GgufError, GgufFile};
 
 /// The split regex of Qwen2/Qwen3's `tokenizer.json` (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`
 /// spells the case-insensitive group out, which matches the same strings).
-pub const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_SPLIT_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 mod token_type {
@@ -76,10 +77,10 @@ pub struct GgufTokenizer {
 impl GgufTokenizer {
     /// Token ids of `text`: added tokens matched, BOS prepended when the file asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| TokenizerError::Build {
-            path: PathBuf::from(&self.source),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Build { path: PathBuf::from(&self.source), message: e.to_string() })?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if let (true, Some(bos)) = (self.add_bos, self.bos_token_id) {
             ids.push(bos);
@@ -92,7 +93,8 @@ impl GgufTokenizer {
 /// The tokenizer for a GGUF model: `tokenizer_json` when given, else the embedded one.
 pub fn load_tokenizer(file: &GgufFile, tokenizer_json: Option<&Path>) -> Result<GgufTokenizer, TokenizerError> {
     let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let id = |key: &str| -> Result<Option<u32>, GgufError> { Ok(file.get_u64(key)?.and_then(|v| u32::try_from(v).ok())) };
+    let id =
+        |key: &str| -> Result<Option<u32>, GgufError> { Ok(file.get_u64(key)?.and_then(|v| u32::try_from(v).ok())) };
     let bos_token_id = id("tokenizer.ggml.bos_token_id")?;
     let eos_token_id = id("tokenizer.ggml.eos_token_id")?;
     let (tokenizer, source) = match tokenizer_json {
@@ -151,7 +153,10 @@ pub fn embedded_tokenizer(file: &GgufFile) -> Result<Tokenizer, TokenizerError> 
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer
         .with_normalizer(Some(NFC))
-        .with_pre_tokenizer(Some(Sequence::new(vec![PreTokenizerWrapper::Split(split), PreTokenizerWrapper::ByteLevel(byte_level)])))
+        .with_pre_tokenizer(Some(Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(byte_level),
+        ])))
         .with_post_processor(Some(byte_level))
         .with_decoder(Some(byte_level));
     // Specials first, as tokenizer.json lists them; ids come from the BPE vocabulary above.

@@ -190,7 +190,11 @@ impl GgufWeights {
 pub fn to_weight_error(path: &Path, e: GgufError) -> WeightError {
     match e {
         GgufError::Io { path, source } => WeightError::Io { path, source },
-        other => WeightError::Format { path: path.to_path_buf(), format: "gguf", message: strip_path(path, &other.to_string()) },
+        other => WeightError::Format {
+            path: path.to_path_buf(),
+            format: "gguf",
+            message: strip_path(path, &other.to_string()),
+        },
     }
 }
 
@@ -219,7 +223,8 @@ impl WeightSource for GgufWeights {
 
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError> {
         let path = self.file.path();
-        let architecture = || self.file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("unknown").to_string();
+        let architecture =
+            || self.file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("unknown").to_string();
         let info = self.file.tensor(name).ok_or_else(|| WeightError::MissingTensor {
             path: path.to_path_buf(),
             tensor: name.to_string(),
@@ -237,9 +242,11 @@ impl WeightSource for GgufWeights {
         let mut out = vec![0f32; info.n_elements as usize];
         quants::dequantize(info.ggml_type, self.file.tensor_bytes(info), &mut out).map_err(|e| match e {
             QuantError::Unsupported(_) => unsupported(),
-            QuantError::SizeMismatch { .. } => {
-                WeightError::Format { path: path.to_path_buf(), format: "gguf", message: format!("tensor `{name}`: {e}") }
-            }
+            QuantError::SizeMismatch { .. } => WeightError::Format {
+                path: path.to_path_buf(),
+                format: "gguf",
+                message: format!("tensor `{name}`: {e}"),
+            },
         })?;
         Ok(out)
     }
