@@ -338,15 +338,17 @@ fn metadata_matches_the_hf_config() {
         let weights = GgufWeights::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let c = weights.config().unwrap_or_else(|e| panic!("{e}"));
         let arch = if model == "qwen3-moe" { "qwen3moe" } else { "qwen3" };
+        let absent = |k: &str| c.absent.iter().any(|a| a == &format!("{arch}.{k}"));
         assert_eq!(c.architecture, arch);
         assert_eq!(c.block_count, u("num_hidden_layers"));
         assert_eq!(c.embedding_length, u("hidden_size"));
         assert_eq!(c.feed_forward_length, Some(u("intermediate_size")));
         assert_eq!(c.head_count, u("num_attention_heads"));
         assert_eq!(c.head_count_kv, Some(u("num_key_value_heads")));
-        let head_dim = hf["head_dim"].as_u64().unwrap_or(u("hidden_size") / u("num_attention_heads"));
-        assert_eq!(c.key_length, Some(head_dim));
-        assert_eq!(c.value_length, Some(head_dim));
+        // convert_hf_to_gguf.py writes key/value_length only when config.json has head_dim
+        assert_eq!(c.key_length, hf["head_dim"].as_u64());
+        assert_eq!(c.value_length, hf["head_dim"].as_u64());
+        assert_eq!(c.key_length.is_none(), absent("attention.key_length"), "{:?}", c.absent);
         let theta = hf["rope_parameters"]["rope_theta"].as_f64().or(hf["rope_theta"].as_f64()).unwrap();
         assert_eq!(c.rope_freq_base, Some(f64::from(theta as f32)), "stored as f32");
         assert_eq!(c.layer_norm_rms_epsilon, Some(f64::from(hf["rms_norm_eps"].as_f64().unwrap() as f32)));
@@ -355,9 +357,11 @@ fn metadata_matches_the_hf_config() {
         assert_eq!(c.tokenizer_vocab_size, Some(u("vocab_size")));
         assert_eq!(c.vocab_size(), Some(151_936));
         assert_eq!(GgufConfig::dominant_type(weights.file()), Some("Q4_K"));
-        let absent = |k: &str| c.absent.iter().any(|a| a == &format!("{arch}.{k}"));
         if model == "qwen3-moe" {
-            assert_eq!(c.expert_count, Some(u("num_experts")));
+            // transformers 5 writes num_experts as `num_local_experts`
+            let experts = hf["num_experts"].as_u64().or(hf["num_local_experts"].as_u64());
+            assert_eq!(c.expert_count, experts);
+            assert_eq!(experts, Some(4));
             assert_eq!(c.expert_used_count, Some(u("num_experts_per_tok")));
             assert_eq!(c.expert_feed_forward_length, Some(u("moe_intermediate_size")));
             // convert_hf_to_gguf.py does not carry norm_topk_prob for qwen3moe
@@ -595,7 +599,8 @@ fn tokenizer_errors_name_the_file() {
     let q = GgufFile::open(&root.join("qwen3-dense/qwen3-dense-Q8_0.gguf")).expect("Q8_0 file");
     let t = load_tokenizer(&q, None).unwrap_or_else(|e| panic!("{e}"));
     assert!(!t.add_bos);
-    assert_eq!(t.source, "gguf");
+    assert!(t.embedded);
+    assert_eq!(t.source, q.path());
     eprintln!("bos {:?} eos {:?}", t.bos_token_id, t.eos_token_id);
 }
 

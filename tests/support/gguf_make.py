@@ -119,11 +119,12 @@ def make_hf(kind: str, out: Path, tok_dir: Path) -> None:
     if kind == "qwen3-dense":
         model = Qwen3ForCausalLM(Qwen3Config(intermediate_size=512, **common_config()))
     else:
-        cfg = common_config()
-        cfg.pop("head_dim")
+        # head_dim is not in Qwen3MoeConfig's signature but real Qwen3-MoE config.json files
+        # carry it, and convert_hf_to_gguf.py writes attention.key_length only from it
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=4,
                                                   num_experts_per_tok=2, norm_topk_prob=True,
-                                                  decoder_sparse_step=1, mlp_only_layers=[], **cfg))
+                                                  decoder_sparse_step=1, mlp_only_layers=[], **common_config()))
+        assert model.config.head_dim == 64, "head_dim did not reach the config"
     # Norm weights are ones at init; perturb them so that a swapped or skipped norm shows.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -70,8 +70,10 @@ pub struct GgufTokenizer {
     pub add_bos: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
-    /// Where the tokenizer came from: `gguf` (embedded) or the tokenizer.json path.
-    pub source: String,
+    /// The file the tokenizer came from: the GGUF file itself, or the tokenizer.json given.
+    pub source: PathBuf,
+    /// Whether it was rebuilt from the GGUF file's embedded vocabulary.
+    pub embedded: bool,
 }
 
 impl GgufTokenizer {
@@ -80,7 +82,7 @@ impl GgufTokenizer {
         let enc = self
             .tokenizer
             .encode(text, false)
-            .map_err(|e| TokenizerError::Build { path: PathBuf::from(&self.source), message: e.to_string() })?;
+            .map_err(|e| TokenizerError::Build { path: self.source.clone(), message: e.to_string() })?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if let (true, Some(bos)) = (self.add_bos, self.bos_token_id) {
             ids.push(bos);
@@ -101,11 +103,12 @@ pub fn load_tokenizer(file: &GgufFile, tokenizer_json: Option<&Path>) -> Result<
         Some(json) => {
             let t = Tokenizer::from_file(json)
                 .map_err(|e| TokenizerError::Build { path: json.to_path_buf(), message: e.to_string() })?;
-            (t, json.display().to_string())
+            (t, json.to_path_buf())
         }
-        None => (embedded_tokenizer(file)?, "gguf".to_string()),
+        None => (embedded_tokenizer(file)?, file.path().to_path_buf()),
     };
-    Ok(GgufTokenizer { tokenizer, add_bos, bos_token_id, eos_token_id, source })
+    let embedded = tokenizer_json.is_none();
+    Ok(GgufTokenizer { tokenizer, add_bos, bos_token_id, eos_token_id, source, embedded })
 }
 
 /// Build the tokenizer from `tokenizer.ggml.*` alone.
