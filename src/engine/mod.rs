@@ -2,7 +2,7 @@
 //! (Qwen2, Qwen3, Qwen3-MoE) that loads safetensors and GGUF and speaks the dump protocol.
 //!
 //! - [`config`]: hyper-parameters (HF config.json or plain values), validated once
-//! - [`weights`]: the [`weights::WeightSource`] seam; [`safetensors`] implements it
+//! - [`weights`]: the [`weights::WeightSource`] seam; [`safetensors`] and [`gguf`] implement it
 //! - [`model`]: weights by role, per-format name tables, the forward pass
 //! - [`kernels`]: matmul, RMSNorm, RoPE, attention, softmax, SiLU, top-k
 //! - [`kv_cache`], [`captures`]: state a prompt carries through its forward calls
@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod captures;
 pub mod config;
+pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
