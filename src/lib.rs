@@ -6,8 +6,10 @@
 //! [`engine`].
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod exec;
 pub mod fixtures;
 pub mod metrics;
+pub mod once;
 pub mod protocol;
