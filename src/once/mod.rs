@@ -221,7 +221,7 @@ fn measure(
         state.logs.extend(["build.stdout".to_string(), "build.stderr".to_string()]);
         state.timings.insert("build".into(), f.elapsed_ms as f64);
         if !f.ending.is_success() {
-            return Err(format!("the build (`{build}`) {}; stderr ends:\n{}", f.ending.describe(), f.stderr_tail(20)));
+            return Err(format!("the build (`{build}`) {}; stderr ends:\n{}", describe(&f.ending), f.stderr_tail(20)));
         }
     }
     let mut first_error: Option<String> = None;
@@ -235,6 +235,26 @@ fn measure(
     }
     state.timings.insert("total".into(), t0.elapsed().as_secs_f64() * 1000.0);
     first_error.map_or(Ok(()), Err)
+}
+
+/// How a child ended; a shell that ran the engine reports a signal as status 128 + N.
+fn describe(e: &exec::Ending) -> String {
+    match e {
+        exec::Ending::Failed { code } if (129..160).contains(code) => {
+            let name = match code - 128 {
+                4 => "SIGILL",
+                6 => "SIGABRT",
+                7 => "SIGBUS",
+                8 => "SIGFPE",
+                9 => "SIGKILL",
+                11 => "SIGSEGV",
+                15 => "SIGTERM",
+                _ => "a signal",
+            };
+            format!("{} (the shell's report of signal {}: {name})", e.describe(), code - 128)
+        }
+        _ => e.describe(),
+    }
 }
 
 struct Vars<'a> {
@@ -301,7 +321,7 @@ fn run_variant(
             engine.name,
             g.model,
             variant.mode.as_str(),
-            f.ending.describe(),
+            describe(&f.ending),
             f.stderr_tail(20)
         ))
     };
