@@ -327,7 +327,7 @@ fn correct_scaled_and_crashing_commits() {
     let results = crash.results.as_ref().unwrap();
     assert!(results.error.as_deref().unwrap().contains("toy: segmentation fault in layer 2"), "{:?}", results.error);
     assert!(results.measurements.is_empty() && results.verdicts.is_empty());
-    let log = w.data().join("runs").join(crash.id.to_string()).join(&results.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
+    let log = w.data().join("runs").join(crash.id.to_string()).join(results.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
     assert!(std::fs::read_to_string(log).unwrap().contains("segmentation fault"));
     for (id, text) in &before {
         let now = std::fs::read_to_string(w.data().join("runs").join(id.to_string()).join("run.json")).unwrap();

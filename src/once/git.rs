@@ -139,10 +139,8 @@ pub fn local_repo(repo: &str, engine: &str, cache: &Path) -> Result<PathBuf, Git
 pub fn worktree(repo: &Path, sha: &CommitSha, cache: &Path) -> Result<PathBuf, GitError> {
     let dir = cache.join("worktrees").join(sha.as_str());
     if dir.join(".git").exists() {
-        if let Ok(head) = git_ok(&dir, &["rev-parse", "HEAD"]) {
-            if head == sha.as_str() {
-                return Ok(dir);
-            }
+        if git_ok(&dir, &["rev-parse", "HEAD"]).is_ok_and(|head| head == sha.as_str()) {
+            return Ok(dir);
         }
         git_ok(&dir, &["checkout", "--quiet", "--force", "--detach", sha.as_str()])?;
         return Ok(dir);

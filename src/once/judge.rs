@@ -195,10 +195,10 @@ fn in_scope(g: &RawGate, s: &Subject) -> bool {
 
 /// `*`, `?` and `{a,b}` over a whole name.
 fn glob(pat: &str, s: &str) -> bool {
-    if let (Some(open), Some(close)) = (pat.find('{'), pat.find('}')) {
-        if open < close {
-            return pat[open + 1..close].split(',').any(|alt| glob(&format!("{}{alt}{}", &pat[..open], &pat[close + 1..]), s));
-        }
+    if let (Some(open), Some(close)) = (pat.find('{'), pat.find('}'))
+        && open < close
+    {
+        return pat[open + 1..close].split(',').any(|alt| glob(&format!("{}{alt}{}", &pat[..open], &pat[close + 1..]), s));
     }
     fn m(p: &[u8], s: &[u8]) -> bool {
         match (p.first(), s.first()) {
