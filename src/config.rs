@@ -299,4 +299,18 @@ mod tests {
         let e = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")])).unwrap_err().to_string();
         assert!(e.contains("r.toml") && e.contains("suit"), "{e}");
     }
+
+    #[test]
+    fn shipped_examples_load() {
+        for name in ["apr.example.toml", "paritybench.example.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners").join(name);
+            let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")])).unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.engines.contains_key(BUILTIN_ENGINE), "{name}");
+        }
+        let apr = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners/apr.example.toml");
+        let c = Config::load_with(Some(&apr), env_of(&[("PARITYBENCH_CACHE", "/c")])).unwrap();
+        assert_eq!(c.default_engine, "apr");
+        assert_eq!(c.engines["apr"].timeout_s, 900);
+        assert!(is_url(c.engines["apr"].repo.as_deref().unwrap()));
+    }
 }

@@ -135,8 +135,14 @@ impl World {
 
     /// `runner once --commit REV --json` with this world's config; (exit code, stdout, stderr).
     fn once(&self, rev: &str, extra: &[&str]) -> (i32, String, String) {
+        self.once_as(rev, true, extra)
+    }
+
+    fn once_as(&self, rev: &str, json: bool, extra: &[&str]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_runner"))
-            .args(["once", "--commit", rev, "--json", "--config"])
+            .args(["once", "--commit", rev])
+            .args(json.then_some("--json"))
+            .arg("--config")
             .arg(self.root().join("runner.toml"))
             .args(extra)
             .current_dir(self.root())
@@ -339,8 +345,12 @@ fn correct_scaled_and_crashing_commits() {
 fn the_same_commit_twice_stores_bit_identical_parity_numbers() {
     let w = world();
     assert_eq!(w.once("scaled", &[]).0, 1);
-    // the worktree under the cache is reused
-    assert_eq!(w.once(w.sha("scaled"), &[]).0, 1);
+    // the worktree under the cache is reused; the table names the failed gates and layer
+    let (code, table, _) = w.once_as(w.sha("scaled"), false, &[]);
+    assert_eq!(code, 1, "{table}");
+    assert!(table.contains("hidden.layer_out.2") && table.contains("FAILED  toy-parity/rel-l2"), "{table}");
+    assert!(table.contains("PASSED  toy-parity/cosine") && table.contains("status: failed"), "{table}");
+    println!("{table}");
     let r = w.records();
     assert_eq!(r.len(), 2);
     let (a, b) = (r[0].results.as_ref().unwrap(), r[1].results.as_ref().unwrap());
