@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use paritybench::once::record::{FileRecorder, RunRecord, Status};
+use paritybench::config::Config;
+use paritybench::once::record::{RunRecord, Status};
 use paritybench::protocol::{
     CaptureRecord, CapturePoint, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, Prompt, PromptShard,
     Request, Tensor, Timings, TokenizerInfo,
@@ -129,8 +130,16 @@ impl World {
     fn data(&self) -> PathBuf {
         self.root().join("data")
     }
+    /// Every recorded run, read back through the recorder `runner once` uses.
     fn records(&self) -> Vec<RunRecord> {
-        FileRecorder::new(&self.data()).all().unwrap()
+        let (cache, data) = (self.root().join("cache"), self.data());
+        let env = |k: &str| match k {
+            "PARITYBENCH_CACHE" => Some(cache.display().to_string()),
+            "PARITYBENCH_DATA" => Some(data.display().to_string()),
+            _ => None,
+        };
+        let cfg = Config::load_with(Some(&self.root().join("runner.toml")), env).unwrap();
+        paritybench::once::open_recorder(&cfg, None).unwrap().runs().unwrap()
     }
 
     /// `runner once --commit REV --json` with this world's config; (exit code, stdout, stderr).
@@ -312,11 +321,7 @@ fn correct_scaled_and_crashing_commits() {
     for r in out["rows"].as_array().unwrap() {
         assert_eq!(r["first_divergent"], format!("hidden.layer_out.{WRONG_LAYER}"), "{r}");
     }
-    let before: Vec<(i64, String)> = w
-        .records()
-        .iter()
-        .map(|r| (r.id, std::fs::read_to_string(w.data().join("runs").join(r.id.to_string()).join("run.json")).unwrap()))
-        .collect();
+    let before: Vec<String> = w.records().iter().map(|r| serde_json::to_string(r).unwrap()).collect();
     assert_eq!(before.len(), 2);
 
     // 3. crashing: recorded as errored with its stderr; nothing else touched
@@ -335,9 +340,8 @@ fn correct_scaled_and_crashing_commits() {
     assert!(results.measurements.is_empty() && results.verdicts.is_empty());
     let log = w.data().join("runs").join(crash.id.to_string()).join(results.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
     assert!(std::fs::read_to_string(log).unwrap().contains("segmentation fault"));
-    for (id, text) in &before {
-        let now = std::fs::read_to_string(w.data().join("runs").join(id.to_string()).join("run.json")).unwrap();
-        assert_eq!(&now, text, "run {id} changed");
+    for (i, text) in before.iter().enumerate() {
+        assert_eq!(&serde_json::to_string(&records[i]).unwrap(), text, "run {} changed", records[i].id);
     }
 }
 

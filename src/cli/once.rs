@@ -12,7 +12,7 @@ use anyhow::Context;
 
 use super::Outcome;
 use crate::config::Config;
-use crate::once::record::{FileRecorder, Status};
+use crate::once::record::Status;
 use crate::once::{self, OnceArgs, OnceOutcome, Progress};
 
 #[derive(clap::Args, Debug)]
@@ -39,19 +39,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
     let cfg = Config::load(args.config.as_deref()).context("reading the configuration")?;
-    if let Some(db) = args.db.as_deref().or(cfg.db.as_ref().map(|s| s.expose())) {
-        // TODO(store): open `crate::store::connect(db)` and record through it.
-        anyhow::bail!(
-            "--db {}: this build records runs under {} only; the SQL store is not wired into `runner once` yet",
-            crate::config::redact_url(db),
-            cfg.data_dir.join("runs").display()
-        );
-    }
     let cwd = std::env::current_dir().context("the current directory")?;
-    let mut recorder = FileRecorder::new(&cfg.data_dir);
+    let mut recorder = once::open_recorder(&cfg, args.db.as_deref())?;
     let bar = Bar::new(!args.json && std::io::stderr().is_terminal());
     let a = OnceArgs { rev: args.commit.clone(), engine: args.engine.clone(), suite: args.suite.clone() };
-    let outcome = once::run(&cfg, &a, &cwd, &mut recorder, &bar)?;
+    let outcome = once::run(&cfg, &a, &cwd, recorder.as_mut(), &bar)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome).context("serializing the outcome")?);
     } else {

@@ -49,6 +49,21 @@ pub enum OnceError {
     NoContracts { dir: PathBuf },
 }
 
+/// The recorder runs are kept in: the database `db` (else the configured one).
+///
+/// Until `src/store` is merged, runs are kept as files under `<data>/runs/` and a database
+/// URL is refused (wiring: return `store_recorder::StoreRecorder::connect(url, data_dir)`).
+pub fn open_recorder(cfg: &Config, db: Option<&str>) -> Result<Box<dyn Recorder>, OnceError> {
+    if let Some(url) = db.or(cfg.db.as_ref().map(|s| s.expose())) {
+        return Err(OnceError::Record(record::RecordError::Store(format!(
+            "{}: this build keeps runs under {} only; the SQL store is not wired into `runner once` yet",
+            crate::config::redact_url(url),
+            cfg.data_dir.join("runs").display()
+        ))));
+    }
+    Ok(Box::new(record::FileRecorder::new(&cfg.data_dir)))
+}
+
 /// What the caller asked for.
 #[derive(Debug, Clone)]
 pub struct OnceArgs {

@@ -177,6 +177,8 @@ pub trait Recorder {
     fn finish_run(&mut self, id: i64, results: &RunResults) -> Result<(), RecordError>;
     /// Where the run's files (requests, dumps, logs) go.
     fn run_dir(&self, id: i64) -> PathBuf;
+    /// Every recorded run, oldest first, as recorded (for tests and `runner` reports).
+    fn runs(&mut self) -> Result<Vec<RunRecord>, RecordError>;
 }
 
 /// Runs kept as `<data>/runs/<id>/run.json` (interim store; see the module docs).
@@ -190,13 +192,13 @@ impl FileRecorder {
         FileRecorder { data_dir: data_dir.to_path_buf() }
     }
 
-    fn runs(&self) -> PathBuf {
+    fn runs_dir(&self) -> PathBuf {
         self.data_dir.join("runs")
     }
 
     /// Every recorded run, by id.
     pub fn all(&self) -> Result<Vec<RunRecord>, RecordError> {
-        let runs = self.runs();
+        let runs = self.runs_dir();
         let mut ids: Vec<i64> = match std::fs::read_dir(&runs) {
             Ok(rd) => rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -228,7 +230,7 @@ impl FileRecorder {
 
 impl Recorder for FileRecorder {
     fn create_run(&mut self, run: &NewRunRecord) -> Result<i64, RecordError> {
-        let runs = self.runs();
+        let runs = self.runs_dir();
         std::fs::create_dir_all(&runs).map_err(|source| RecordError::Io { path: runs.clone(), source })?;
         // the next free id; create_dir is atomic, so two runners never share one
         let mut id = self.all_ids()?.into_iter().max().unwrap_or(0) + 1;
@@ -263,13 +265,17 @@ impl Recorder for FileRecorder {
     }
 
     fn run_dir(&self, id: i64) -> PathBuf {
-        self.runs().join(id.to_string())
+        self.runs_dir().join(id.to_string())
+    }
+
+    fn runs(&mut self) -> Result<Vec<RunRecord>, RecordError> {
+        self.all()
     }
 }
 
 impl FileRecorder {
     fn all_ids(&self) -> Result<Vec<i64>, RecordError> {
-        let runs = self.runs();
+        let runs = self.runs_dir();
         let rd = std::fs::read_dir(&runs).map_err(|source| RecordError::Io { path: runs.clone(), source })?;
         Ok(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
     }
