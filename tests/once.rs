@@ -27,6 +27,8 @@ enum Behaviour {
     Crash,
     Hang,
     Nan,
+    /// Finishes the first prompt, then dies (exit 3) with the dump left incomplete.
+    Partial,
 }
 
 fn prompts() -> Vec<Prompt> {
@@ -76,6 +78,10 @@ fn write_dump(dir: &Path, behaviour: Behaviour) {
     let ps = prompts();
     let mut w = DumpWriter::create(dir, manifest(ps.iter().map(|p| p.id.clone()).collect())).unwrap();
     for (i, p) in ps.iter().enumerate() {
+        if matches!(behaviour, Behaviour::Partial) && i == 1 {
+            w.fail("out of memory on prompt beta".into()).unwrap();
+            return;
+        }
         let n = p.token_ids.len();
         let seed = 1000 * (i as u64 + 1);
         let scale = |layer: Option<u32>| match (behaviour, layer) {
@@ -236,7 +242,7 @@ fn world() -> World {
     std::fs::write(model_dir.join("floors/fp32-eager-vs-sdpa.json"), floors).unwrap();
 
     // the engine's outputs, one per behaviour that writes a dump
-    for (name, b) in [("correct", Behaviour::Correct), ("scaled", Behaviour::Scaled), ("nan", Behaviour::Nan)] {
+    for (name, b) in [("correct", Behaviour::Correct), ("scaled", Behaviour::Scaled), ("nan", Behaviour::Nan), ("partial", Behaviour::Partial)] {
         write_dump(&root.join("dumps").join(name), b);
     }
 
@@ -251,6 +257,7 @@ fn world() -> World {
         ("crash", Behaviour::Crash),
         ("hang", Behaviour::Hang),
         ("nan", Behaviour::Nan),
+        ("partial", Behaviour::Partial),
     ] {
         let body = match b {
             Behaviour::Correct | Behaviour::Scaled | Behaviour::Nan => {
@@ -258,6 +265,9 @@ fn world() -> World {
             }
             Behaviour::Crash => "echo 'toy: segmentation fault in layer 2' >&2\nkill -SEGV $$\n".to_string(),
             Behaviour::Hang => "echo 'toy: waiting forever' >&2\nsleep 60\n".to_string(),
+            Behaviour::Partial => format!(
+                "mkdir -p \"$2\" && cp -R \"$TOY_DUMPS/{name}/.\" \"$2\"\necho 'toy: out of memory on prompt beta' >&2\nexit 3\n"
+            ),
         };
         std::fs::write(repo.join("engine.sh"), format!("#!/bin/sh\n# toy engine: {name}\n{body}")).unwrap();
         git(&repo, &["add", "-A"]);
@@ -432,4 +442,24 @@ fn a_contract_typo_is_named_before_anything_runs() {
         "{stderr}"
     );
     assert!(w.records().is_empty());
+}
+
+#[test]
+fn an_engine_that_dies_half_way_keeps_what_it_finished() {
+    let w = world();
+    let (code, stdout, stderr) = w.once("partial", &[]);
+    assert_eq!(code, 2, "{stdout} {stderr}");
+    assert!(stderr.contains("exited with status 3") && stderr.contains("out of memory on prompt beta"), "{stderr}");
+    let out = json(&stdout);
+    assert_eq!(out["status"], "errored");
+    // the finished prompt was compared and judged; the other is not invented
+    let prompts: Vec<&str> = out["rows"].as_array().unwrap().iter().map(|r| r["prompt"].as_str().unwrap()).collect();
+    assert_eq!(prompts, ["alpha", "alpha"]);
+    let r = w.records();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].status, Status::Errored);
+    let res = r[0].results.as_ref().unwrap();
+    assert!(res.measurements.iter().any(|m| m.prompt.as_deref() == Some("alpha") && m.metric == "logits.rel_l2"));
+    assert!(res.measurements.iter().all(|m| m.prompt.as_deref() != Some("beta")));
+    assert!(!res.verdicts.is_empty() && res.verdicts.iter().all(|v| v.passed), "{:?}", res.verdicts);
 }
