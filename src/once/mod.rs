@@ -43,7 +43,7 @@ pub enum OnceError {
     Contract(#[from] judge::ContractError),
     #[error(transparent)]
     Refs(#[from] refs::RefsError),
-    #[error("recording the run: {0}")]
+    #[error("recording the run")]
     Record(#[from] record::RecordError),
     #[error("no contracts: configure `contracts` (files or directories) or add {}", dir.display())]
     NoContracts { dir: PathBuf },
