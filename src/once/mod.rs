@@ -163,7 +163,7 @@ pub fn run(cfg: &Config, args: &OnceArgs, cwd: &Path, recorder: &mut dyn Recorde
     let run_id = recorder.create_run(&new)?;
     let run_dir = recorder.run_dir(run_id);
     let mut state = RunState::default();
-    let total = 1 + groups.iter().map(|g| g.variants(engine.incremental).len() as u64).sum::<u64>();
+    let total = 1 + u64::from(engine.build.is_some()) + groups.iter().map(|g| g.variants(engine.incremental).len() as u64).sum::<u64>();
     progress.start(total);
     let error = measure(cfg, &engine, &repo, &commit.sha, &groups, &run_dir, &contracts, progress, &mut state).err();
     progress.done();
