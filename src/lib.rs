@@ -6,10 +6,12 @@
 //! [`engine`].
 
 pub mod cli;
+pub mod config;
 pub mod contracts;
 pub mod engine;
 pub mod exec;
 pub mod fixtures;
 pub mod metrics;
+pub mod once;
 pub mod protocol;
 pub mod store;

@@ -6,6 +6,7 @@
 mod compare;
 mod engine;
 mod fixtures;
+mod once;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,8 @@ enum Command {
     /// The built-in engine's adapter: `describe`, `run --request FILE --out DIR`.
     #[command(subcommand)]
     Engine(engine::Command),
+    /// Build an engine at a commit, run the suite, judge it against contracts, record it.
+    Once(once::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -56,6 +59,7 @@ pub fn main() -> i32 {
         Command::Compare(args) => compare::run(args),
         Command::Fixtures(cmd) => fixtures::run(cmd),
         Command::Engine(cmd) => engine::run(cmd),
+        Command::Once(args) => once::run(args),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

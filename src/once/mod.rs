@@ -1,0 +1,524 @@
+//! `runner once`: build an engine at a commit, run it on the suite, compare it with every
+//! reference, judge the comparison against contracts and record the run.
+//!
+//! The order matters for the promise "never a silent gap": everything that can be checked
+//! without the engine (the revision, the contracts, the references) is checked first and is
+//! a plain error (exit 2, nothing recorded); from the moment the run is recorded as
+//! `running`, every failure — a build that fails, an engine that crashes, hangs or prints
+//! NaN — ends in a finished run record holding what was measured and why it stopped.
+//!
+//! - [`git`] — revision -> [`git::CommitSha`], worktrees under the cache
+//! - [`refs`] — the reference dumps of a suite and the requests built from them
+//! - [`judge`] — contracts (seam onto `src/contracts`)
+//! - [`record`] — the run record (seam onto `src/store`)
+
+pub mod git;
+pub mod judge;
+pub mod record;
+pub mod refs;
+pub mod store_recorder;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{Config, EngineConfig};
+use crate::exec;
+use crate::metrics::{self, Report};
+use crate::protocol::Dump;
+use judge::{Contracts, Subject};
+use record::{LayerParity, Measurement, NewRunRecord, Recorder, RunResults, SeriesSubject, Status, VerdictRecord};
+use refs::{ModelGroup, Variant};
+
+/// Why `runner once` could not start a run (exit 2; nothing recorded).
+#[derive(Debug, thiserror::Error)]
+pub enum OnceError {
+    #[error("unknown engine `{name}`; configured engines: {known}")]
+    UnknownEngine { name: String, known: String },
+    #[error(transparent)]
+    Git(#[from] git::GitError),
+    #[error(transparent)]
+    Contract(#[from] judge::ContractError),
+    #[error(transparent)]
+    Refs(#[from] refs::RefsError),
+    #[error("recording the run")]
+    Record(#[from] record::RecordError),
+    #[error("no contracts: configure `contracts` (files or directories) or add {}", dir.display())]
+    NoContracts { dir: PathBuf },
+}
+
+/// The recorder runs are kept in: the database `db`, else the configured one, else the
+/// embedded default (a SQLite file in the data directory).
+pub fn open_recorder(cfg: &Config, db: Option<&str>) -> Result<Box<dyn Recorder>, OnceError> {
+    let url = db.map(str::to_string).unwrap_or_else(|| cfg.db_url());
+    Ok(Box::new(store_recorder::StoreRecorder::connect(&url, &cfg.data_dir)?))
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct OnceArgs {
+    pub rev: String,
+    pub engine: Option<String>,
+    pub suite: Option<String>,
+}
+
+/// Progress callbacks (the CLI draws a bar; tests pass nothing).
+pub trait Progress {
+    fn start(&self, total: u64);
+    fn step(&self, message: &str);
+    fn done(&self);
+}
+
+/// No progress display.
+pub struct Quiet;
+impl Progress for Quiet {
+    fn start(&self, _: u64) {}
+    fn step(&self, _: &str) {}
+    fn done(&self) {}
+}
+
+/// One row of the summary table: engine × model × mode × reference × prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub model: String,
+    pub mode: String,
+    pub reference: String,
+    pub prompt: String,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub cosine_min: Option<f64>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub rel_l2_max: Option<f64>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub kld_p99: Option<f64>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub top1: Option<f64>,
+    pub first_divergent: Option<String>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub decode_tok_s: Option<f64>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub prefill_tok_s: Option<f64>,
+}
+
+/// The outcome of `runner once`, printed as a table or as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct OnceOutcome {
+    pub run_id: i64,
+    pub run_dir: PathBuf,
+    pub engine: String,
+    pub commit: String,
+    pub generation: i64,
+    pub status: Status,
+    pub error: Option<String>,
+    pub rows: Vec<Row>,
+    pub verdicts: Vec<VerdictRecord>,
+}
+
+/// Resolves, checks, records, builds, runs, compares, judges, finishes the record.
+pub fn run(cfg: &Config, args: &OnceArgs, cwd: &Path, recorder: &mut dyn Recorder, progress: &dyn Progress) -> Result<OnceOutcome, OnceError> {
+    let name = args.engine.clone().unwrap_or_else(|| cfg.default_engine.clone());
+    let engine = cfg.engines.get(&name).cloned().ok_or_else(|| OnceError::UnknownEngine {
+        name: name.clone(),
+        known: cfg.engines.keys().cloned().collect::<Vec<_>>().join(", "),
+    })?;
+    let suite = args.suite.clone().unwrap_or_else(|| cfg.suite.clone());
+
+    // 1. the revision, once
+    let repo = match &engine.repo {
+        Some(r) => git::local_repo(r, &engine.name, &cfg.cache_dir)?,
+        None => git::toplevel(cwd)?,
+    };
+    let commit = git::resolve(&repo, &args.rev)?;
+
+    // 2. everything that needs no engine
+    let contract_paths = if cfg.contracts.is_empty() { vec![git::toplevel(cwd).unwrap_or(repo.clone()).join("contracts")] } else { cfg.contracts.clone() };
+    if cfg.contracts.is_empty() && !contract_paths[0].is_dir() {
+        return Err(OnceError::NoContracts { dir: contract_paths[0].clone() });
+    }
+    let contracts = Contracts::load(&contract_paths)?;
+    let groups = refs::discover(&cfg.cache_dir, &suite)?;
+
+    // 3. the record, before anything can crash
+    let new = NewRunRecord {
+        engine: engine.name.clone(),
+        repo: engine.repo.clone().or_else(|| Some(repo.display().to_string())),
+        commit_sha: commit.sha.to_string(),
+        generation: commit.generation,
+        commit_title: commit.title.clone(),
+        suite: suite.clone(),
+        device_key: device_key(&engine.device),
+        host: std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()),
+        fixture_ids: groups.iter().flat_map(|g| g.references.iter().map(|r| r.fixture_id.clone())).collect(),
+        contracts: contracts.ids(),
+    };
+    let run_id = recorder.create_run(&new)?;
+    let run_dir = recorder.run_dir(run_id);
+    let mut state = RunState::default();
+    let total = 1 + u64::from(engine.build.is_some()) + groups.iter().map(|g| g.variants(engine.incremental).len() as u64).sum::<u64>();
+    progress.start(total);
+    let error = measure(cfg, &engine, &repo, &commit.sha, &groups, &run_dir, &contracts, progress, &mut state).err();
+    progress.done();
+
+    let blocked = state.verdicts.iter().any(VerdictRecord::blocks);
+    let status = match (&error, blocked) {
+        (Some(_), _) => Status::Errored,
+        (None, true) => Status::Failed,
+        (None, false) => Status::Passed,
+    };
+    let results = RunResults {
+        status,
+        error: error.clone(),
+        timings: state.timings,
+        series: state.series,
+        measurements: state.measurements,
+        layers: state.layers,
+        verdicts: state.verdicts.clone(),
+        logs: state.logs,
+    };
+    recorder.finish_run(run_id, &results)?;
+    Ok(OnceOutcome {
+        run_id,
+        run_dir,
+        engine: engine.name,
+        commit: commit.sha.to_string(),
+        generation: commit.generation,
+        status,
+        error,
+        rows: state.rows,
+        verdicts: state.verdicts,
+    })
+}
+
+/// What a run has measured so far; kept when it stops half-way.
+#[derive(Default)]
+struct RunState {
+    timings: BTreeMap<String, f64>,
+    series: Vec<SeriesSubject>,
+    measurements: Vec<Measurement>,
+    layers: Vec<LayerParity>,
+    verdicts: Vec<VerdictRecord>,
+    rows: Vec<Row>,
+    logs: Vec<String>,
+}
+
+/// Build, then every model × variant; the first error stops the run (its text is the
+/// run's error), what was measured before it stays in `state`.
+#[expect(clippy::too_many_arguments, reason = "one call site; the pieces of a run")]
+fn measure(
+    cfg: &Config,
+    engine: &EngineConfig,
+    repo: &Path,
+    sha: &git::CommitSha,
+    groups: &[ModelGroup],
+    run_dir: &Path,
+    contracts: &Contracts,
+    progress: &dyn Progress,
+    state: &mut RunState,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    progress.step(&format!("checking out {}", sha.short()));
+    let worktree = git::worktree(repo, sha, &cfg.cache_dir).map_err(|e| format!("{e}"))?;
+    let target = cfg.cache_dir.join("targets").join(&engine.name);
+    let vars = Vars { worktree: &worktree, target: &target, sha };
+    if let Some(build) = &engine.build {
+        progress.step(&format!("building {} at {}", engine.name, sha.short()));
+        let cmd = shell(&vars.fill(build, None), &worktree, engine, &target);
+        let f = exec::run_logged(cmd, run_dir, "build", Duration::from_secs(engine.build_timeout_s)).map_err(|e| e.to_string())?;
+        state.logs.extend(["build.stdout".to_string(), "build.stderr".to_string()]);
+        state.timings.insert("build".into(), f.elapsed_ms as f64);
+        if !f.ending.is_success() {
+            return Err(format!("the build (`{build}`) {}; stderr ends:\n{}", describe(&f.ending), f.stderr_tail(20)));
+        }
+    }
+    let mut first_error: Option<String> = None;
+    for g in groups {
+        for variant in g.variants(engine.incremental) {
+            progress.step(&format!("{} {} ({})", engine.name, g.model, variant.mode.as_str()));
+            if let Err(e) = run_variant(cfg, engine, &vars, g, &variant, run_dir, contracts, state) {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    state.timings.insert("total".into(), t0.elapsed().as_secs_f64() * 1000.0);
+    first_error.map_or(Ok(()), Err)
+}
+
+/// How a child ended; a shell that ran the engine reports a signal as status 128 + N.
+fn describe(e: &exec::Ending) -> String {
+    match e {
+        exec::Ending::Failed { code } if (129..160).contains(code) => {
+            let name = match code - 128 {
+                4 => "SIGILL",
+                6 => "SIGABRT",
+                7 => "SIGBUS",
+                8 => "SIGFPE",
+                9 => "SIGKILL",
+                11 => "SIGSEGV",
+                15 => "SIGTERM",
+                _ => "a signal",
+            };
+            format!("{} (the shell's report of signal {}: {name})", e.describe(), code - 128)
+        }
+        _ => e.describe(),
+    }
+}
+
+struct Vars<'a> {
+    worktree: &'a Path,
+    target: &'a Path,
+    sha: &'a git::CommitSha,
+}
+
+impl Vars<'_> {
+    /// The command template with its placeholders replaced by shell-quoted values.
+    fn fill(&self, template: &str, io: Option<(&Path, &Path)>) -> String {
+        let mut s = template
+            .replace("{worktree}", &quote(self.worktree))
+            .replace("{target}", &quote(self.target))
+            .replace("{sha}", self.sha.as_str());
+        if let Some((request, out)) = io {
+            s = s.replace("{request}", &quote(request)).replace("{out}", &quote(out));
+        }
+        s
+    }
+}
+
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+fn shell(script: &str, cwd: &Path, engine: &EngineConfig, target: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).current_dir(cwd).envs(&engine.env);
+    c.env("CARGO_TARGET_DIR", target);
+    c
+}
+
+/// One model × variant: request, adapter run, comparisons, verdicts. Whatever the engine
+/// finished is compared and judged even when it then failed.
+#[expect(clippy::too_many_arguments, reason = "the pieces of one engine run")]
+fn run_variant(
+    cfg: &Config,
+    engine: &EngineConfig,
+    vars: &Vars<'_>,
+    g: &ModelGroup,
+    variant: &Variant,
+    run_dir: &Path,
+    contracts: &Contracts,
+    state: &mut RunState,
+) -> Result<(), String> {
+    let dir = run_dir.join(&g.model).join(format!("{}-{}", g.key, variant.mode.as_str()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let request_path = dir.join("request.json");
+    let out = dir.join("dump");
+    let request = g.request(engine, variant);
+    request.save(&request_path).map_err(|e| e.to_string())?;
+    let cmd = shell(&vars.fill(&engine.run, Some((&request_path, &out))), vars.worktree, engine, vars.target);
+    let f = exec::run_logged(cmd, &dir, "engine", Duration::from_secs(engine.timeout_s)).map_err(|e| e.to_string())?;
+    let rel = |n: &str| dir.join(n).strip_prefix(run_dir).map(|p| p.display().to_string()).unwrap_or_default();
+    state.logs.extend([rel("engine.stdout"), rel("engine.stderr")]);
+    let key = format!("engine.{}.{}.{}", g.model, g.key, variant.mode.as_str());
+    state.timings.insert(key, f.elapsed_ms as f64);
+    let ended = if f.ending.is_success() {
+        None
+    } else {
+        Some(format!(
+            "engine {} on {} ({}) {}; stderr ends:\n{}",
+            engine.name,
+            g.model,
+            variant.mode.as_str(),
+            describe(&f.ending),
+            f.stderr_tail(20)
+        ))
+    };
+    let dump = match Dump::open(&out) {
+        Ok(d) => d,
+        Err(e) => return Err(ended.unwrap_or_else(|| format!("engine {} on {}: exited 0 but left no readable dump: {e}", engine.name, g.model))),
+    };
+    let ended = ended.or_else(|| {
+        (!dump.manifest.complete).then(|| format!("engine {} on {}: exited 0 but the dump is incomplete", engine.name, g.model))
+    });
+    if dump.manifest.prompts.is_empty() {
+        return Err(ended.unwrap_or_else(|| format!("engine {} on {}: no prompt finished", engine.name, g.model)));
+    }
+    let mut compare_error = None;
+    for r in &g.references {
+        let reference = match Dump::open_complete(&r.dir) {
+            Ok(d) => d,
+            Err(e) => {
+                compare_error.get_or_insert(format!("reference {}: {e}", r.id));
+                continue;
+            }
+        };
+        let opts = metrics::Options { floors: g.floors.clone(), floor_k: cfg.floor_k, ..metrics::Options::default() };
+        let report = match metrics::compare(&dump, &reference, &opts) {
+            Ok(rep) => rep,
+            Err(e) => {
+                compare_error.get_or_insert(format!("comparing {} with {}: {e}", g.model, r.id));
+                continue;
+            }
+        };
+        record_report(engine, g, r, variant, &dump, &report, contracts, state);
+    }
+    match ended.or(compare_error) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "the pieces of one comparison")]
+fn record_report(
+    engine: &EngineConfig,
+    g: &ModelGroup,
+    r: &refs::Reference,
+    variant: &Variant,
+    dump: &Dump,
+    report: &Report,
+    contracts: &Contracts,
+    state: &mut RunState,
+) {
+    let mode = variant.mode.as_str().to_string();
+    let subject_series = SeriesSubject {
+        model: g.model.clone(),
+        model_sha256: g.model_sha256.clone(),
+        reference: r.id.clone(),
+        fixture_id: r.fixture_id.clone(),
+    };
+    if !state.series.contains(&subject_series) {
+        state.series.push(subject_series);
+    }
+    let perf = perf_samples(dump);
+    let m = |prompt: Option<&str>, metric: &str, statistic: &str, value: f64| Measurement {
+        model: g.model.clone(),
+        reference: r.id.clone(),
+        mode: mode.clone(),
+        prompt: prompt.map(str::to_string),
+        metric: metric.into(),
+        statistic: statistic.into(),
+        value,
+    };
+    for p in &report.prompts {
+        let s = &p.summary;
+        let id = Some(p.id.as_str());
+        let (pre, dec) = perf.get(&p.id).copied().unwrap_or((None, None));
+        if let Some(v) = s.cosine_min {
+            state.measurements.push(m(id, "logits.cosine", "min", v));
+        }
+        if let Some(v) = s.rel_l2_max {
+            state.measurements.push(m(id, "logits.rel_l2", "max", v));
+        }
+        if let Some(k) = s.kld {
+            state.measurements.push(m(id, "kld", "p99", k.p99));
+        }
+        if let Some(t) = s.top1 {
+            state.measurements.push(m(id, "top1", "mean", t.rate));
+        }
+        state.measurements.push(m(id, "nonfinite", "value", s.nonfinite as f64));
+        state.rows.push(Row {
+            model: g.model.clone(),
+            mode: mode.clone(),
+            reference: r.id.clone(),
+            prompt: p.id.clone(),
+            cosine_min: s.cosine_min,
+            rel_l2_max: s.rel_l2_max,
+            kld_p99: s.kld.map(|k| k.p99),
+            top1: s.top1.map(|t| t.rate),
+            first_divergent: p.first_divergent.as_ref().map(|d| d.tensor.clone()),
+            decode_tok_s: dec,
+            prefill_tok_s: pre,
+        });
+    }
+    let ov = &report.overall.summary;
+    for (metric, stat, v) in [
+        ("logits.cosine", "min", ov.cosine_min),
+        ("logits.cosine", "mean", ov.cosine_mean),
+        ("logits.rel_l2", "max", ov.rel_l2_max),
+        ("logits.rel_l2", "mean", ov.rel_l2_mean),
+        ("logits.nmse", "mean", ov.nmse_mean),
+        ("logits.max_abs", "max", ov.max_abs),
+        ("kld", "mean", ov.kld.map(|k| k.mean)),
+        ("kld", "median", ov.kld.map(|k| k.median)),
+        ("kld", "p99", ov.kld.map(|k| k.p99)),
+        ("kld", "max", ov.kld.map(|k| k.max)),
+        ("top1", "mean", ov.top1.map(|t| t.rate)),
+        ("top1", "wilson_lower", ov.top1.map(|t| t.wilson_lower)),
+        ("top1", "n", ov.top1.map(|t| t.n as f64)),
+        ("nonfinite", "value", Some(ov.nonfinite as f64)),
+    ] {
+        if let Some(v) = v {
+            state.measurements.push(m(None, metric, stat, v));
+        }
+    }
+    for l in &report.overall.layers {
+        if let metrics::report::LayerSummaryValues::Float { rel_l2, cosine, .. } = l.values {
+            state.layers.push(LayerParity {
+                model: g.model.clone(),
+                reference: r.id.clone(),
+                mode: mode.clone(),
+                prompt: None,
+                capture: l.capture.as_str().into(),
+                layer: i64::from(l.layer),
+                rel_l2,
+                cosine,
+            });
+        }
+    }
+
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (k, v) in report.samples().iter() {
+        samples.entry(k.metric.clone()).or_default().extend_from_slice(v);
+    }
+    let mut pre = Vec::new();
+    let mut dec = Vec::new();
+    for p in &report.prompts {
+        if let Some((a, b)) = perf.get(&p.id) {
+            pre.extend(*a);
+            dec.extend(*b);
+        }
+    }
+    samples.insert("prefill_tok_s".into(), pre);
+    samples.insert("decode_tok_s".into(), dec);
+    let mut floors = BTreeMap::new();
+    if let Some(f) = &g.floors {
+        floors.insert("logits.rel_l2".to_string(), f.logits);
+    }
+    let subject = Subject {
+        engine: engine.name.clone(),
+        model: g.model.clone(),
+        reference: r.id.clone(),
+        dtype: Some(r.dtype.clone()),
+        mode: Some(mode.clone()),
+        samples,
+        noise_floors: floors,
+    };
+    let verdicts = contracts.evaluate(std::slice::from_ref(&subject));
+    state.verdicts.extend(verdicts);
+}
+
+/// Prompt id -> (prefill tok/s, decode tok/s), medians over the timed repeats.
+fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
+    let rate = |tokens: u32, ms: &[f64]| {
+        let mut v: Vec<f64> = ms.iter().copied().filter(|x| *x > 0.0).collect();
+        if tokens == 0 || v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(f64::from(tokens) / (v[v.len() / 2] / 1000.0))
+    };
+    dump.manifest
+        .prompts
+        .iter()
+        .map(|p| (p.id.clone(), (rate(p.timings.prefill_tokens, &p.timings.prefill_ms), rate(p.timings.decode_tokens, &p.timings.decode_ms))))
+        .collect()
+}
+
+/// `cpu|<CPU model>` (GPU fingerprints come with the CUDA backend).
+fn device_key(device: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown cpu".into());
+    format!("{}|{cpu}", if device.starts_with("cuda") { "cuda" } else { "cpu" })
+}
