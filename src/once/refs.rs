@@ -127,8 +127,11 @@ fn load_reference(model_dir: &Path, dir: &Path) -> Result<Reference, RefsError> 
         .ok_or_else(|| bad(format!("no {id}.request.json beside it or inside it")))?;
     let request = Request::load(&req_path).map_err(|e| bad(e.to_string()))?;
     let dump = Dump::open(dir).map_err(|e| bad(e.to_string()))?;
-    let fixture_id = [dir.join("fixture.json"), model_dir.join("fixture.json")]
+    // `runner fixtures build` writes `refs/<suite>/fixture.json`, one level above the model.
+    let suite_record = model_dir.parent().map(|p| p.join("fixture.json"));
+    let fixture_id = [Some(dir.join("fixture.json")), Some(model_dir.join("fixture.json")), suite_record]
         .into_iter()
+        .flatten()
         .find(|p| p.exists())
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
