@@ -251,6 +251,101 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The configuration of a GGUF file from its metadata (`cfg`) and whether it carries
+    /// an `output.weight` tensor. Every value the file is silent about is assumed as
+    /// llama.cpp assumes it, and recorded in [`ModelConfig::assumed`] under the GGUF key,
+    /// as `value (why)`.
+    pub fn from_gguf(path: &Path, cfg: &crate::engine::gguf::GgufConfig, has_output: bool) -> Result<ModelConfig, ConfigError> {
+        let architecture = Architecture::parse(&cfg.architecture)
+            .ok_or_else(|| ConfigError::UnknownArchitecture { path: path.to_path_buf(), found: cfg.architecture.clone() })?;
+        let arch = cfg.architecture.as_str();
+        let mut assumed = BTreeMap::new();
+        let mut assume = |key: String, value: String, why: &str| {
+            assumed.insert(key, format!("{value} ({why})"));
+        };
+        let size = |v: u64, field: &'static str| -> Result<usize, ConfigError> {
+            usize::try_from(v).map_err(|_| ConfigError::Invalid { path: path.to_path_buf(), field, value: v.to_string(), message: "does not fit in usize".into() })
+        };
+        let vocab_size = cfg.vocab_size().ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "token_embd.weight" })?;
+        let n_heads = size(cfg.head_count, "attention.head_count")?;
+        let hidden_size = size(cfg.embedding_length, "embedding_length")?;
+        let n_kv_heads = match cfg.head_count_kv {
+            Some(n) => size(n, "attention.head_count_kv")?,
+            None => {
+                assume(format!("{arch}.attention.head_count_kv"), n_heads.to_string(), "absent: no grouped-query attention, as llama.cpp");
+                n_heads
+            }
+        };
+        let head_dim = match cfg.key_length {
+            Some(d) => size(d, "attention.key_length")?,
+            None => {
+                let d = hidden_size.checked_div(n_heads).unwrap_or(0);
+                assume(format!("{arch}.attention.key_length"), d.to_string(), "absent: embedding_length / head_count, as llama.cpp");
+                d
+            }
+        };
+        let rope_theta = cfg.rope_freq_base.unwrap_or_else(|| {
+            assume(format!("{arch}.rope.freq_base"), "10000".into(), "absent: llama.cpp's default");
+            10_000.0
+        });
+        let rms_norm_eps = cfg.layer_norm_rms_epsilon.unwrap_or_else(|| {
+            assume(format!("{arch}.attention.layer_norm_rms_epsilon"), "1e-6".into(), "absent: the Qwen default");
+            1e-6
+        });
+        if !has_output {
+            assume("tie_word_embeddings".into(), "true".into(), "output.weight absent: the lm_head reuses token_embd.weight, as llama.cpp does");
+        }
+        let moe = match architecture {
+            Architecture::Qwen3Moe => {
+                let need = |v: Option<u64>, field: &'static str| -> Result<usize, ConfigError> {
+                    size(v.ok_or(ConfigError::Missing { path: path.to_path_buf(), field })?, field)
+                };
+                let norm_topk_prob = cfg.expert_weights_norm.unwrap_or_else(|| {
+                    assume(format!("{arch}.expert_weights_norm"), "true".into(), "absent: llama.cpp's qwen3moe graph always renormalises the top-k router weights");
+                    true
+                });
+                assume("decoder_sparse_step".into(), "1".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
+                assume("mlp_only_layers".into(), "[]".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
+                Some(MoeConfig {
+                    n_experts: need(cfg.expert_count, "expert_count")?,
+                    n_experts_per_tok: need(cfg.expert_used_count, "expert_used_count")?,
+                    expert_intermediate_size: need(cfg.expert_feed_forward_length, "expert_feed_forward_length")?,
+                    decoder_sparse_step: 1,
+                    mlp_only_layers: Vec::new(),
+                    norm_topk_prob,
+                })
+            }
+            _ => None,
+        };
+        // Every qwen3moe layer is sparse, so the dense width is unused there; dense
+        // architectures need it.
+        let intermediate_size = match (cfg.feed_forward_length, &moe) {
+            (Some(n), _) => size(n, "feed_forward_length")?,
+            (None, Some(m)) => {
+                assume(format!("{arch}.feed_forward_length"), m.expert_intermediate_size.to_string(), "absent: unused, every layer is sparse");
+                m.expert_intermediate_size
+            }
+            (None, None) => return Err(ConfigError::Missing { path: path.to_path_buf(), field: "feed_forward_length" }),
+        };
+        let mut c = ModelConfig::new(
+            path,
+            architecture,
+            size(vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size,
+            size(cfg.block_count, "block_count")?,
+            n_heads,
+            n_kv_heads,
+            Some(head_dim),
+            rms_norm_eps,
+            rope_theta,
+            !has_output,
+            moe,
+        )?;
+        c.assumed = assumed;
+        Ok(c)
+    }
+
     /// Whether decoder layer `i` routes through experts (HF's rule for Qwen3-MoE).
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         match &self.moe {
