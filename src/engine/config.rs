@@ -595,4 +595,72 @@ mod tests {
         let e = ModelConfig::new(p, Architecture::Qwen3Moe, 10, 64, 96, 2, 4, 2, None, 1e-6, 1e6, false, Some(moe)).unwrap_err().to_string();
         assert!(e.contains("m.gguf") && e.contains("num_experts_per_tok"), "{e}");
     }
+
+    fn gguf_meta(arch: &str) -> crate::engine::gguf::GgufConfig {
+        crate::engine::gguf::GgufConfig {
+            architecture: arch.into(),
+            file_type: Some(15),
+            block_count: 2,
+            embedding_length: 64,
+            feed_forward_length: Some(96),
+            head_count: 4,
+            head_count_kv: Some(2),
+            key_length: Some(32),
+            value_length: Some(32),
+            rope_freq_base: Some(1e6),
+            layer_norm_rms_epsilon: Some(1e-6),
+            context_length: Some(128),
+            expert_count: None,
+            expert_used_count: None,
+            expert_feed_forward_length: None,
+            expert_shared_feed_forward_length: None,
+            expert_weights_norm: None,
+            expert_gating_func: None,
+            tokenizer_vocab_size: Some(10),
+            embedding_rows: Some(10),
+            absent: vec![],
+        }
+    }
+
+    #[test]
+    fn gguf_metadata_with_every_assumption_recorded() {
+        let p = Path::new("m.gguf");
+        // Everything stated, output.weight present: nothing assumed.
+        let c = ModelConfig::from_gguf(p, &gguf_meta("qwen3"), true).unwrap();
+        assert_eq!((c.architecture, c.head_dim, c.n_kv_heads, c.tie_word_embeddings), (Architecture::Qwen3, 32, 2, false));
+        assert!(c.assumed.is_empty(), "{:?}", c.assumed);
+
+        // Silent file: head_dim from hidden/heads, kv heads = heads, defaults, tied lm_head.
+        let mut m = gguf_meta("qwen2");
+        (m.key_length, m.head_count_kv, m.rope_freq_base, m.layer_norm_rms_epsilon) = (None, None, None, None);
+        let c = ModelConfig::from_gguf(p, &m, false).unwrap();
+        assert_eq!((c.head_dim, c.n_kv_heads, c.rope_theta, c.tie_word_embeddings, c.qkv_bias), (16, 4, 10_000.0, true, true));
+        for k in ["qwen2.attention.key_length", "qwen2.attention.head_count_kv", "qwen2.rope.freq_base", "qwen2.attention.layer_norm_rms_epsilon", "tie_word_embeddings"] {
+            assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
+        }
+        assert!(c.assumed["qwen2.attention.key_length"].starts_with("16 ("), "{:?}", c.assumed);
+
+        // qwen3moe: renormalised top-k and every layer sparse, both recorded.
+        let mut m = gguf_meta("qwen3moe");
+        (m.expert_count, m.expert_used_count, m.expert_feed_forward_length, m.feed_forward_length) = (Some(4), Some(2), Some(8), None);
+        let c = ModelConfig::from_gguf(p, &m, true).unwrap();
+        let moe = c.moe.as_ref().unwrap();
+        assert!(moe.norm_topk_prob && (0..2).all(|i| c.is_sparse_layer(i)));
+        for k in ["qwen3moe.expert_weights_norm", "decoder_sparse_step", "mlp_only_layers", "qwen3moe.feed_forward_length"] {
+            assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
+        }
+        m.expert_weights_norm = Some(false);
+        assert!(!ModelConfig::from_gguf(p, &m, true).unwrap().moe.unwrap().norm_topk_prob);
+
+        // Errors name the file and the key.
+        m.expert_used_count = None;
+        let e = ModelConfig::from_gguf(p, &m, true).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("expert_used_count"), "{e}");
+        let e = ModelConfig::from_gguf(p, &gguf_meta("llama"), true).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("llama"), "{e}");
+        let mut m = gguf_meta("qwen3");
+        m.feed_forward_length = None;
+        let e = ModelConfig::from_gguf(p, &m, true).unwrap_err().to_string();
+        assert!(e.contains("feed_forward_length"), "{e}");
+    }
 }
