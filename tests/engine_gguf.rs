@@ -47,9 +47,15 @@ fn refs_dir(model: &str) -> PathBuf {
     fixtures().join("refs/default").join(model)
 }
 
-/// Whether every path exists. If not: a notice (and `false`), or a panic when `CI` is set.
+/// Whether every path exists (a dump's `manifest.json`: and the dump is complete; a
+/// fixtures build may be writing it). If not: a notice (and `false`), or a panic when `CI`
+/// is set.
 fn present(what: &str, paths: &[PathBuf]) -> bool {
-    let missing: Vec<String> = paths.iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+    let ready = |p: &Path| match (p.file_name(), p.parent()) {
+        (Some(n), Some(dir)) if n == "manifest.json" => Dump::open_complete(dir).is_ok(),
+        _ => p.exists(),
+    };
+    let missing: Vec<String> = paths.iter().filter(|p| !ready(p)).map(|p| p.display().to_string()).collect();
     if missing.is_empty() {
         return true;
     }
