@@ -183,7 +183,13 @@ fn gguf_f16(model: &str) {
 enum Gate {
     /// mean KL(HF FP32 ‖ engine) ≤ 1.1 × KL(HF FP32 ‖ llama.cpp) + 1e-5
     Kld,
-    /// top-1 agreement with llama.cpp ≥ 95%
+    /// top-1 agreement with llama.cpp ≥ 95%. On the tiny random fixture models this fails
+    /// (measured on qwen3-dense: 0.75-0.89): their logits are so sensitive that llama.cpp's
+    /// 8-bit activation quantization (Q8_0 blocks of 32 for Q8_0 weights, Q8_K blocks of 256
+    /// for K-quants) moves the logits by rel-L2 6e-2 (Q8_0) to 1.1e-1 (K-quants) against
+    /// the engine, the same size as the weight quantization itself; the engine is closer to
+    /// HF FP32 than llama.cpp is on every file (lower KLD, higher top-1 vs HF), and agrees
+    /// 100% with llama.cpp F16, which quantizes no activations. Kept at the bar.
     Top1VsLlamacpp,
 }
 
