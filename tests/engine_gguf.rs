@@ -106,6 +106,32 @@ fn kld_mean(r: &Report) -> f64 {
     r.overall.summary.kld.expect("full logits on both sides").mean
 }
 
+/// Positions whose logits rel-L2 exceeds 5e-3 (prompt@position=value), and the expert-set
+/// disagreements per prompt and capture (a router near-tie flipped by f16 weight rounding
+/// moves the logits far more than rounding alone).
+fn f16_diagnostics(r: &Report) -> (String, String) {
+    let mut over = Vec::new();
+    let mut flips = Vec::new();
+    for p in &r.prompts {
+        if let Some(l) = &p.logits {
+            for (&pos, &e) in p.positions.iter().zip(&l.rel_l2) {
+                if e > 5e-3 {
+                    over.push(format!("{}@{pos}={e:.2e}", p.id));
+                }
+            }
+        }
+        for layer in &p.layers {
+            if let LayerValues::ExpertIds(x) = &layer.values {
+                if x.set_matches != x.n_positions {
+                    flips.push(format!("{} {} {}/{}", p.id, layer.tensor, x.n_positions - x.set_matches, x.n_positions));
+                }
+            }
+        }
+    }
+    let show = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+    (show(over), show(flips))
+}
+
 /// Median and max of the reference's top-1/top-2 logit margin where the top-1 ids differ.
 fn disagreement_margins(r: &Report) -> String {
     let mut m: Vec<f64> = r
@@ -172,6 +198,8 @@ fn gguf_f16(model: &str) {
         kld_mean(&e_hf),
         kld_mean(&l_hf)
     );
+    let (over, flips) = f16_diagnostics(&e_hf);
+    eprintln!("RESULT {model} F16: positions over 5e-3: {over}; expert choices differing from HF FP32 (set, per layer): {flips}");
     assert!(e_max <= 5e-3, "{model} F16: engine rel-L2 vs HF FP32 max {e_max:.3e} > 5e-3");
     assert!(e_max <= 1.1 * l_max, "{model} F16: engine rel-L2 max {e_max:.3e} > 1.1 × llama.cpp's {l_max:.3e}");
     assert!(e_mean <= 1.1 * l_mean, "{model} F16: engine rel-L2 mean {e_mean:.3e} > 1.1 × llama.cpp's {l_mean:.3e}");
