@@ -251,6 +251,101 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The configuration of a GGUF file from its metadata (`cfg`) and whether it carries
+    /// an `output.weight` tensor. Every value the file is silent about is assumed as
+    /// llama.cpp assumes it, and recorded in [`ModelConfig::assumed`] under the GGUF key,
+    /// as `value (why)`.
+    pub fn from_gguf(path: &Path, cfg: &crate::engine::gguf::GgufConfig, has_output: bool) -> Result<ModelConfig, ConfigError> {
+        let architecture = Architecture::parse(&cfg.architecture)
+            .ok_or_else(|| ConfigError::UnknownArchitecture { path: path.to_path_buf(), found: cfg.architecture.clone() })?;
+        let arch = cfg.architecture.as_str();
+        let mut assumed = BTreeMap::new();
+        let mut assume = |key: String, value: String, why: &str| {
+            assumed.insert(key, format!("{value} ({why})"));
+        };
+        let size = |v: u64, field: &'static str| -> Result<usize, ConfigError> {
+            usize::try_from(v).map_err(|_| ConfigError::Invalid { path: path.to_path_buf(), field, value: v.to_string(), message: "does not fit in usize".into() })
+        };
+        let vocab_size = cfg.vocab_size().ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "token_embd.weight" })?;
+        let n_heads = size(cfg.head_count, "attention.head_count")?;
+        let hidden_size = size(cfg.embedding_length, "embedding_length")?;
+        let n_kv_heads = match cfg.head_count_kv {
+            Some(n) => size(n, "attention.head_count_kv")?,
+            None => {
+                assume(format!("{arch}.attention.head_count_kv"), n_heads.to_string(), "absent: no grouped-query attention, as llama.cpp");
+                n_heads
+            }
+        };
+        let head_dim = match cfg.key_length {
+            Some(d) => size(d, "attention.key_length")?,
+            None => {
+                let d = hidden_size.checked_div(n_heads).unwrap_or(0);
+                assume(format!("{arch}.attention.key_length"), d.to_string(), "absent: embedding_length / head_count, as llama.cpp");
+                d
+            }
+        };
+        let rope_theta = cfg.rope_freq_base.unwrap_or_else(|| {
+            assume(format!("{arch}.rope.freq_base"), "10000".into(), "absent: llama.cpp's default");
+            10_000.0
+        });
+        let rms_norm_eps = cfg.layer_norm_rms_epsilon.unwrap_or_else(|| {
+            assume(format!("{arch}.attention.layer_norm_rms_epsilon"), "1e-6".into(), "absent: the Qwen default");
+            1e-6
+        });
+        if !has_output {
+            assume("tie_word_embeddings".into(), "true".into(), "output.weight absent: the lm_head reuses token_embd.weight, as llama.cpp does");
+        }
+        let moe = match architecture {
+            Architecture::Qwen3Moe => {
+                let need = |v: Option<u64>, field: &'static str| -> Result<usize, ConfigError> {
+                    size(v.ok_or(ConfigError::Missing { path: path.to_path_buf(), field })?, field)
+                };
+                let norm_topk_prob = cfg.expert_weights_norm.unwrap_or_else(|| {
+                    assume(format!("{arch}.expert_weights_norm"), "true".into(), "absent: llama.cpp's qwen3moe graph always renormalises the top-k router weights");
+                    true
+                });
+                assume("decoder_sparse_step".into(), "1".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
+                assume("mlp_only_layers".into(), "[]".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
+                Some(MoeConfig {
+                    n_experts: need(cfg.expert_count, "expert_count")?,
+                    n_experts_per_tok: need(cfg.expert_used_count, "expert_used_count")?,
+                    expert_intermediate_size: need(cfg.expert_feed_forward_length, "expert_feed_forward_length")?,
+                    decoder_sparse_step: 1,
+                    mlp_only_layers: Vec::new(),
+                    norm_topk_prob,
+                })
+            }
+            _ => None,
+        };
+        // Every qwen3moe layer is sparse, so the dense width is unused there; dense
+        // architectures need it.
+        let intermediate_size = match (cfg.feed_forward_length, &moe) {
+            (Some(n), _) => size(n, "feed_forward_length")?,
+            (None, Some(m)) => {
+                assume(format!("{arch}.feed_forward_length"), m.expert_intermediate_size.to_string(), "absent: unused, every layer is sparse");
+                m.expert_intermediate_size
+            }
+            (None, None) => return Err(ConfigError::Missing { path: path.to_path_buf(), field: "feed_forward_length" }),
+        };
+        let mut c = ModelConfig::new(
+            path,
+            architecture,
+            size(vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size,
+            size(cfg.block_count, "block_count")?,
+            n_heads,
+            n_kv_heads,
+            Some(head_dim),
+            rms_norm_eps,
+            rope_theta,
+            !has_output,
+            moe,
+        )?;
+        c.assumed = assumed;
+        Ok(c)
+    }
+
     /// Whether decoder layer `i` routes through experts (HF's rule for Qwen3-MoE).
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         match &self.moe {
@@ -499,5 +594,73 @@ mod tests {
         let moe = MoeConfig { n_experts: 4, n_experts_per_tok: 5, expert_intermediate_size: 8, decoder_sparse_step: 1, mlp_only_layers: vec![], norm_topk_prob: true };
         let e = ModelConfig::new(p, Architecture::Qwen3Moe, 10, 64, 96, 2, 4, 2, None, 1e-6, 1e6, false, Some(moe)).unwrap_err().to_string();
         assert!(e.contains("m.gguf") && e.contains("num_experts_per_tok"), "{e}");
+    }
+
+    fn gguf_meta(arch: &str) -> crate::engine::gguf::GgufConfig {
+        crate::engine::gguf::GgufConfig {
+            architecture: arch.into(),
+            file_type: Some(15),
+            block_count: 2,
+            embedding_length: 64,
+            feed_forward_length: Some(96),
+            head_count: 4,
+            head_count_kv: Some(2),
+            key_length: Some(32),
+            value_length: Some(32),
+            rope_freq_base: Some(1e6),
+            layer_norm_rms_epsilon: Some(1e-6),
+            context_length: Some(128),
+            expert_count: None,
+            expert_used_count: None,
+            expert_feed_forward_length: None,
+            expert_shared_feed_forward_length: None,
+            expert_weights_norm: None,
+            expert_gating_func: None,
+            tokenizer_vocab_size: Some(10),
+            embedding_rows: Some(10),
+            absent: vec![],
+        }
+    }
+
+    #[test]
+    fn gguf_metadata_with_every_assumption_recorded() {
+        let p = Path::new("m.gguf");
+        // Everything stated, output.weight present: nothing assumed.
+        let c = ModelConfig::from_gguf(p, &gguf_meta("qwen3"), true).unwrap();
+        assert_eq!((c.architecture, c.head_dim, c.n_kv_heads, c.tie_word_embeddings), (Architecture::Qwen3, 32, 2, false));
+        assert!(c.assumed.is_empty(), "{:?}", c.assumed);
+
+        // Silent file: head_dim from hidden/heads, kv heads = heads, defaults, tied lm_head.
+        let mut m = gguf_meta("qwen2");
+        (m.key_length, m.head_count_kv, m.rope_freq_base, m.layer_norm_rms_epsilon) = (None, None, None, None);
+        let c = ModelConfig::from_gguf(p, &m, false).unwrap();
+        assert_eq!((c.head_dim, c.n_kv_heads, c.rope_theta, c.tie_word_embeddings, c.qkv_bias), (16, 4, 10_000.0, true, true));
+        for k in ["qwen2.attention.key_length", "qwen2.attention.head_count_kv", "qwen2.rope.freq_base", "qwen2.attention.layer_norm_rms_epsilon", "tie_word_embeddings"] {
+            assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
+        }
+        assert!(c.assumed["qwen2.attention.key_length"].starts_with("16 ("), "{:?}", c.assumed);
+
+        // qwen3moe: renormalised top-k and every layer sparse, both recorded.
+        let mut m = gguf_meta("qwen3moe");
+        (m.expert_count, m.expert_used_count, m.expert_feed_forward_length, m.feed_forward_length) = (Some(4), Some(2), Some(8), None);
+        let c = ModelConfig::from_gguf(p, &m, true).unwrap();
+        let moe = c.moe.as_ref().unwrap();
+        assert!(moe.norm_topk_prob && (0..2).all(|i| c.is_sparse_layer(i)));
+        for k in ["qwen3moe.expert_weights_norm", "decoder_sparse_step", "mlp_only_layers", "qwen3moe.feed_forward_length"] {
+            assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
+        }
+        m.expert_weights_norm = Some(false);
+        assert!(!ModelConfig::from_gguf(p, &m, true).unwrap().moe.unwrap().norm_topk_prob);
+
+        // Errors name the file and the key.
+        m.expert_used_count = None;
+        let e = ModelConfig::from_gguf(p, &m, true).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("expert_used_count"), "{e}");
+        let e = ModelConfig::from_gguf(p, &gguf_meta("llama"), true).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("llama"), "{e}");
+        let mut m = gguf_meta("qwen3");
+        m.feed_forward_length = None;
+        let e = ModelConfig::from_gguf(p, &m, true).unwrap_err().to_string();
+        assert!(e.contains("feed_forward_length"), "{e}");
     }
 }

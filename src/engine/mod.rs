@@ -39,6 +39,10 @@ pub enum EngineError {
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
     #[error(transparent)]
+    GgufTokenizer(#[from] gguf::TokenizerError),
+    #[error("{}: prompt {prompt:?} has text but no tokenizer is available: the file embeds no vocabulary and the request names no tokenizer.json", path.display())]
+    NoTokenizer { path: PathBuf, prompt: String },
+    #[error(transparent)]
     Backend(#[from] backend::BackendError),
     #[error(transparent)]
     CacheFull(#[from] kv_cache::CacheFull),

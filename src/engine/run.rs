@@ -9,6 +9,13 @@
 //! `decode_steps - 1` tokens (`decode_tokens` counts those passes, so
 //! `decode_tokens / decode_ms` is the decode rate).
 //!
+//! GGUF files are dequantized to f32 at load and computed in f32, like safetensors; the
+//! manifest says so (`extra.compute`), since llama.cpp quantizes activations to 8 bits in
+//! its quantized matmuls and so computes in lower precision than this engine. Their
+//! hyper-parameters come from the file's metadata; every one the file is silent about is
+//! listed in `model.assumed`. Their tokenizer is the request's `tokenizer.json`, else the
+//! vocabulary embedded in the file.
+//!
 //! Errors before the dump directory exists (bad request, unknown device, model that cannot
 //! be loaded) leave no dump; errors after it are recorded in the manifest, which keeps
 //! every finished prompt.
@@ -23,6 +30,7 @@ use crate::protocol::{
 };
 
 use super::backend::{self, Backend, Device};
+use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::captures::{CapturePlan, CaptureSink};
 use super::config::ModelConfig;
 use super::kernels;
@@ -34,7 +42,7 @@ use super::weights::WeightSource;
 use super::{EngineError, ENGINE_NAME};
 
 /// Model file formats this build reads.
-pub const FORMATS: &[&str] = &["safetensors"];
+pub const FORMATS: &[&str] = &["safetensors", "gguf"];
 
 /// The engine's version (the crate's).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -65,10 +73,12 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
     let t_load = Instant::now();
     let loaded = load_model(&req.model)?;
     let load_ms = ms(t_load);
-    let tokenizer = match Tokenizer::locate(&req.model.path, req.model.tokenizer.as_deref()) {
-        Some(p) => Some(Tokenizer::open(&p)?),
-        None => None,
-    };
+    let tokenizer = loaded.tokenizer.as_ref();
+    if let (None, Some(path)) = (tokenizer, &loaded.tokenizer_missing) {
+        if let Some(p) = req.prompts.iter().find(|p| p.text.is_some()) {
+            return Err(EngineError::NoTokenizer { path: path.clone(), prompt: p.id.clone() });
+        }
+    }
     let model = &loaded.model;
     let (plan, points, layers, absent) = CapturePlan::resolve(&req.captures, &model.config);
 
@@ -91,7 +101,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         },
         model: ModelInfo {
             path: req.model.path.display().to_string(),
-            sha256: req.model.sha256.clone(),
+            sha256: loaded.sha256.clone().or_else(|| req.model.sha256.clone()),
             format: loaded.format.to_string(),
             quant: loaded.quant.clone(),
             compute_dtype: "f32".to_string(),
@@ -100,7 +110,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             vocab_size: Some(model.config.vocab_size as u32),
             assumed: model.config.assumed.clone(),
         },
-        tokenizer: TokenizerInfo { sha256: tokenizer.as_ref().map(|t| t.sha256().to_string()), add_bos: false },
+        tokenizer: TokenizerInfo { sha256: tokenizer.map(|t| t.sha256().to_string()), add_bos: tokenizer.is_some_and(PromptTokenizer::add_bos) },
         mode: req.mode,
         request_sha256: crate::protocol::sha256_hex(&request_bytes),
         prompt_ids: req.prompts.iter().map(|p| p.id.clone()).collect(),
@@ -112,10 +122,10 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         command,
         created_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         error: None,
-        extra: Default::default(),
+        extra: loaded.extra.clone(),
     };
     let mut writer = DumpWriter::create(out, manifest)?;
-    let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer.as_ref(), &mut writer);
+    let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer, &mut writer);
     match result {
         Ok(()) => {
             writer.manifest_mut().peak_rss_bytes = peak_rss_bytes();
@@ -143,8 +153,53 @@ fn threads_option(req: &Request) -> Result<Option<usize>, EngineError> {
 pub struct LoadedModel {
     pub model: Model,
     pub format: &'static str,
-    /// Storage type(s) of the weights, e.g. `f32`, `bf16`.
+    /// Storage type(s) of the weights, e.g. `f32`, `bf16`, or a GGUF file type (`Q4_K_M`).
     pub quant: String,
+    /// sha256 of the weights file, when the loader computed it (GGUF).
+    pub sha256: Option<String>,
+    /// The tokenizer for tokenizer parity, if one was found.
+    pub tokenizer: Option<PromptTokenizer>,
+    /// Set when a tokenizer was required but none could be built: the file to name.
+    pub tokenizer_missing: Option<std::path::PathBuf>,
+    /// Notes for the manifest's `extra`.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The tokenizer a run checks prompt texts with: an HF `tokenizer.json`, or the vocabulary
+/// embedded in a GGUF file.
+pub enum PromptTokenizer {
+    Json(Tokenizer),
+    Gguf {
+        tokenizer: GgufTokenizer,
+        /// sha256 of the tokenizer.json given, or of the embedded tokenizer's JSON form.
+        sha256: String,
+    },
+}
+
+impl PromptTokenizer {
+    /// Token ids of a prompt's `text`, encoded as the suite encoded it: no special tokens
+    /// added, added tokens in the text (e.g. a chat template's `<|im_start|>`) recognised.
+    pub fn encode(&self, prompt: &str, text: &str) -> Result<Vec<u32>, EngineError> {
+        match self {
+            PromptTokenizer::Json(t) => Ok(t.encode(prompt, text)?),
+            PromptTokenizer::Gguf { tokenizer, .. } => Ok(tokenizer.encode(text)?),
+        }
+    }
+
+    pub fn sha256(&self) -> &str {
+        match self {
+            PromptTokenizer::Json(t) => t.sha256(),
+            PromptTokenizer::Gguf { sha256, .. } => sha256,
+        }
+    }
+
+    /// Whether encoding prepends a BOS token.
+    pub fn add_bos(&self) -> bool {
+        match self {
+            PromptTokenizer::Json(_) => false,
+            PromptTokenizer::Gguf { tokenizer, .. } => tokenizer.add_bos && tokenizer.bos_token_id.is_some(),
+        }
+    }
 }
 
 /// Opens the checkpoint a request names and builds the model. The format is the request's
@@ -173,9 +228,100 @@ pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
             let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
             let quant = storage_summary(&weights);
             let model = Model::load(config, &weights)?;
-            Ok(LoadedModel { model, format: "safetensors", quant })
+            let tokenizer = match Tokenizer::locate(path, m.tokenizer.as_deref()) {
+                Some(p) => Some(PromptTokenizer::Json(Tokenizer::open(&p)?)),
+                None => None,
+            };
+            Ok(LoadedModel { model, format: "safetensors", quant, sha256: None, tokenizer, tokenizer_missing: None, extra: Default::default() })
         }
+        "gguf" => load_gguf(m),
         _ => Err(EngineError::UnsupportedFormat { path: path.clone(), format }),
+    }
+}
+
+/// A GGUF file: hyper-parameters from its metadata, weights dequantized to f32, the
+/// request's tokenizer.json or else the embedded vocabulary.
+fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
+    let path = &m.path;
+    let weights = GgufWeights::open(path)?;
+    let file = weights.file();
+    let meta = weights.config()?;
+    let config = ModelConfig::from_gguf(path, &meta, file.tensor("output.weight").is_some())?;
+    let quant = gguf_quant(file, &meta);
+    let sha256 = crate::protocol::sha256_file(path)
+        .map_err(|source| crate::protocol::ProtocolError::Io { path: path.clone(), source })?;
+    let (tokenizer, tokenizer_missing) = match gguf::load_tokenizer(file, m.tokenizer.as_deref()) {
+        Ok(t) => {
+            let sha256 = match &m.tokenizer {
+                Some(json) => crate::protocol::sha256_file(json)
+                    .map_err(|source| crate::protocol::ProtocolError::Io { path: json.clone(), source })?,
+                None => crate::protocol::sha256_hex(
+                    t.tokenizer.to_string(false).map_err(|e| gguf::TokenizerError::Build { path: path.clone(), message: e.to_string() })?.as_bytes(),
+                ),
+            };
+            (Some(PromptTokenizer::Gguf { tokenizer: t, sha256 }), None)
+        }
+        // Token ids are all the engine needs; the tokenizer is required only for prompt
+        // texts, which `run` checks.
+        Err(gguf::TokenizerError::NoTokenizer { path }) => (None, Some(path)),
+        Err(e) => return Err(e.into()),
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "compute".into(),
+        format!(
+            "weights dequantized from {quant} to f32 at load; activations and accumulation in f32 \
+             (higher precision than llama.cpp, which quantizes activations to 8 bits for quantized matmuls)"
+        )
+        .into(),
+    );
+    extra.insert(
+        "tokenizer_source".into(),
+        match (&tokenizer, &m.tokenizer) {
+            (Some(_), Some(json)) => json.display().to_string(),
+            (Some(_), None) => format!("{} (embedded vocabulary)", path.display()),
+            (None, _) => "none".to_string(),
+        }
+        .into(),
+    );
+    let model = Model::load(config, &weights)?;
+    Ok(LoadedModel { model, format: "gguf", quant, sha256: Some(sha256), tokenizer, tokenizer_missing, extra })
+}
+
+/// The file type a GGUF file declares (`general.file_type`, llama.cpp's `llama_ftype`),
+/// else its dominant tensor type.
+fn gguf_quant(file: &gguf::GgufFile, meta: &GgufConfig) -> String {
+    let named = meta.file_type.and_then(|t| {
+        Some(match t {
+            0 => "F32",
+            1 => "F16",
+            2 => "Q4_0",
+            3 => "Q4_1",
+            7 => "Q8_0",
+            8 => "Q5_0",
+            9 => "Q5_1",
+            10 => "Q2_K",
+            11 => "Q3_K_S",
+            12 => "Q3_K_M",
+            13 => "Q3_K_L",
+            14 => "Q4_K_S",
+            15 => "Q4_K_M",
+            16 => "Q5_K_S",
+            17 => "Q5_K_M",
+            18 => "Q6_K",
+            32 => "BF16",
+            _ => return None,
+        })
+    });
+    match (named, meta.file_type) {
+        (Some(n), _) => n.to_string(),
+        (None, ft) => {
+            let dominant = GgufConfig::dominant_type(file).unwrap_or("unknown");
+            match ft {
+                Some(t) => format!("{dominant} (file_type {t})"),
+                None => dominant.to_string(),
+            }
+        }
     }
 }
 
@@ -190,7 +336,7 @@ fn run_prompts(
     model: &Model,
     backend: &dyn Backend,
     plan: &CapturePlan,
-    tokenizer: Option<&Tokenizer>,
+    tokenizer: Option<&PromptTokenizer>,
     writer: &mut DumpWriter,
 ) -> Result<(), EngineError> {
     let vocab = model.config.vocab_size;
@@ -220,8 +366,9 @@ fn run_prompts(
             }
         }
         let out = kept.expect("repeats >= 1 is validated with the request");
+        // A chat prompt's text has its template applied already: encoded the same way.
         let tokenizer_match = match (tokenizer, &p.text) {
-            (Some(t), Some(text)) if !p.chat => Some(t.encode(&p.id, text)? == tokens),
+            (Some(t), Some(text)) => Some(t.encode(&p.id, text)? == tokens),
             _ => None,
         };
         let shard = PromptShard {

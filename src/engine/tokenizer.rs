@@ -48,10 +48,11 @@ impl Tokenizer {
         &self.sha256
     }
 
-    /// Token ids of `text` as HF's `tokenizer(text)` gives them (special tokens of the
-    /// post-processor added; Qwen's adds none, so no BOS).
+    /// Token ids of `text` as the suite made them, HF's `tokenizer(text,
+    /// add_special_tokens=False)`: added tokens in the text (a chat template's
+    /// `<|im_start|>`) are recognised, nothing is prepended or appended.
     pub fn encode(&self, prompt: &str, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, true).map_err(|e| TokenizerError::Encode {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode {
             path: self.path.clone(),
             prompt: prompt.to_string(),
             message: e.to_string(),
