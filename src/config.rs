@@ -166,7 +166,8 @@ impl Config {
     pub fn load_with(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let parsed = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
                 let f: FileConfig =
                     toml::from_str(&text).map_err(|e| ConfigError::Toml { path: path.into(), source: Box::new(e) })?;
                 Some((path.to_path_buf(), f))
@@ -190,7 +191,8 @@ impl Config {
         };
         let db = env("PARITYBENCH_DB").map(Secret::new).or(f.db);
         let suite = env("PARITYBENCH_SUITE").or(f.suite).unwrap_or_else(|| "default".to_string());
-        let default_engine = env("PARITYBENCH_ENGINE").or(f.default_engine).unwrap_or_else(|| BUILTIN_ENGINE.to_string());
+        let default_engine =
+            env("PARITYBENCH_ENGINE").or(f.default_engine).unwrap_or_else(|| BUILTIN_ENGINE.to_string());
         let contracts = match env("PARITYBENCH_CONTRACTS") {
             Some(v) => std::env::split_paths(&v).collect(),
             None => f.contracts.unwrap_or_default().into_iter().map(rel).collect(),
@@ -207,9 +209,17 @@ impl Config {
         let mut engines = BTreeMap::new();
         engines.insert(BUILTIN_ENGINE.to_string(), EngineConfig::builtin());
         for (name, e) in f.engines {
-            let mut c = engines.remove(&name).unwrap_or_else(|| EngineConfig { name: name.clone(), build: None, ..EngineConfig::builtin() });
+            let mut c = engines.remove(&name).unwrap_or_else(|| EngineConfig {
+                name: name.clone(),
+                build: None,
+                ..EngineConfig::builtin()
+            });
             let Some(run) = e.run.or_else(|| (name == BUILTIN_ENGINE).then(|| c.run.clone())) else {
-                return Err(ConfigError::Engine { path, engine: name, message: "`run` is required (a command with {request} and {out})".into() });
+                return Err(ConfigError::Engine {
+                    path,
+                    engine: name,
+                    message: "`run` is required (a command with {request} and {out})".into(),
+                });
             };
             if !(run.contains("{request}") && run.contains("{out}")) {
                 return Err(ConfigError::Engine {
@@ -219,7 +229,8 @@ impl Config {
                 });
             }
             c.run = run;
-            c.repo = e.repo.map(|r| if is_url(&r) { r } else { rel(PathBuf::from(r)).display().to_string() }).or(c.repo);
+            c.repo =
+                e.repo.map(|r| if is_url(&r) { r } else { rel(PathBuf::from(r)).display().to_string() }).or(c.repo);
             c.build = e.build.or(c.build);
             c.timeout_s = e.timeout_s.unwrap_or(c.timeout_s);
             c.build_timeout_s = e.build_timeout_s.unwrap_or(c.build_timeout_s);
@@ -278,7 +289,8 @@ mod tests {
             "db = \"postgres://pb:hunter2@db/pb\"\nsuite = \"small\"\n[engines.apr]\nrepo = \"apr\"\nrun = \"apr run {request} {out}\"\ntimeout_s = 5\n",
         )
         .unwrap();
-        let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c"), ("PARITYBENCH_SUITE", "env")])).unwrap();
+        let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c"), ("PARITYBENCH_SUITE", "env")]))
+            .unwrap();
         assert_eq!(c.suite, "env");
         let apr = &c.engines["apr"];
         assert_eq!(apr.timeout_s, 5);
@@ -304,7 +316,8 @@ mod tests {
     fn shipped_examples_load() {
         for name in ["apr.example.toml", "paritybench.example.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners").join(name);
-            let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")])).unwrap_or_else(|e| panic!("{e}"));
+            let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")]))
+                .unwrap_or_else(|e| panic!("{e}"));
             assert!(c.engines.contains_key(BUILTIN_ENGINE), "{name}");
         }
         let apr = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners/apr.example.toml");

@@ -34,7 +34,9 @@ impl Ending {
             Ending::Success => "exited 0".into(),
             Ending::Failed { code } => format!("exited with status {code}"),
             Ending::Signaled { signal } => format!("killed by signal {signal}{}", signal_name(*signal)),
-            Ending::TimedOut { after_ms } => format!("timed out after {:.1} s and was killed", *after_ms as f64 / 1000.0),
+            Ending::TimedOut { after_ms } => {
+                format!("timed out after {:.1} s and was killed", *after_ms as f64 / 1000.0)
+            }
         }
     }
 }

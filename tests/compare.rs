@@ -7,7 +7,7 @@ use std::process::Command;
 use half::f16;
 use paritybench::metrics::{self, LayerValues, Options, PromptState, Report, names};
 use paritybench::protocol::{
-    CaptureRecord, CapturePoint, Dump, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, PromptShard, Tensor,
+    CapturePoint, CaptureRecord, Dump, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, PromptShard, Tensor,
     TokenizerInfo,
 };
 
@@ -18,8 +18,20 @@ fn manifest(engine: &str, ids: &[&str]) -> Manifest {
     Manifest {
         schema: paritybench::protocol::SCHEMA_VERSION,
         complete: false,
-        engine: EngineInfo { name: engine.into(), version: "0".into(), backend: "cpu".into(), device: "cpu".into(), ..Default::default() },
-        model: ModelInfo { path: "m".into(), format: "safetensors".into(), quant: "f32".into(), compute_dtype: "f32".into(), ..Default::default() },
+        engine: EngineInfo {
+            name: engine.into(),
+            version: "0".into(),
+            backend: "cpu".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        },
+        model: ModelInfo {
+            path: "m".into(),
+            format: "safetensors".into(),
+            quant: "f32".into(),
+            compute_dtype: "f32".into(),
+            ..Default::default()
+        },
         tokenizer: TokenizerInfo::default(),
         mode: Mode::Prefill,
         request_sha256: "0".into(),
@@ -150,7 +162,9 @@ fn self_compare_gives_zeros() {
         assert_eq!(p.layers.len(), 3);
         for l in &p.layers {
             match &l.values {
-                LayerValues::Float(f) => assert_eq!((f.rel_l2, f.cosine, f.worst_cosine), (0.0, 1.0, 1.0), "{}", l.tensor),
+                LayerValues::Float(f) => {
+                    assert_eq!((f.rel_l2, f.cosine, f.worst_cosine), (0.0, 1.0, 1.0), "{}", l.tensor)
+                }
                 LayerValues::ExpertIds(e) => assert_eq!((e.set_agreement, e.ordered_agreement), (1.0, 1.0)),
             }
         }
@@ -256,7 +270,11 @@ fn nan_in_a_capture_names_the_tensor() {
     let b = write_dump(&t.path().join("b"), "ref", &ids, vec![bad]);
     let r = compare(&a, &b, &[]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("hidden.attn_out.0 of the reference holds 1 non-finite value(s) at position(s) 2"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("hidden.attn_out.0 of the reference holds 1 non-finite value(s) at position(s) 2"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -287,7 +305,11 @@ fn different_token_ids_are_refused() {
     let b = write_dump(&t.path().join("b"), "ref", &ids, vec![prompt(0, 100)]);
     let r = compare(&a, &b, &[]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("prompt \"p0\": token_ids differ at index 4: engine has 9999, reference has 104"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("prompt \"p0\": token_ids differ at index 4: engine has 9999, reference has 104"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -300,7 +322,11 @@ fn capture_shapes_that_differ_are_refused_and_one_sided_captures_reported() {
     let b = write_dump(&t.path().join("b"), "ref", &ids, vec![prompt(0, 100)]);
     let r = compare(&a, &b, &[]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("tensor `hidden.attn_out.0` has shape [4, 65] in the engine's dump and [4, 64]"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tensor `hidden.attn_out.0` has shape [4, 65] in the engine's dump and [4, 64]"),
+        "{}",
+        r.stderr
+    );
 
     // a capture one side lacks is reported absent there, with the manifest's reason
     let mut fewer = prompt(0, 100);
@@ -350,7 +376,11 @@ fn engine_died_after_two_prompts() {
 
     let text = compare(&a, &b, &[]);
     assert_eq!(text.code, 0);
-    assert!(text.stdout.contains("INCOMPLETE: 2 of 5 prompts finished; error: engine process killed by signal 9"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("INCOMPLETE: 2 of 5 prompts finished; error: engine process killed by signal 9"),
+        "{}",
+        text.stdout
+    );
     assert!(text.stdout.contains("missing prompts (3), not compared:"), "{}", text.stdout);
     assert!(text.stdout.contains("p4: engine did not finish it, reference finished"), "{}", text.stdout);
 

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use paritybench::contracts::{
-    Comparison, Contract, ContractError, Metric, Outcome, Reduction, Severity, Subject, Threshold, reduce,
-    wilson_lower,
+    Comparison, Contract, ContractError, Metric, Outcome, Reduction, Severity, Subject, Threshold, reduce, wilson_lower,
 };
 
 fn repo() -> PathBuf {
@@ -69,10 +68,7 @@ fn seed_contract_encodes_the_seeds_gates() {
     assert_eq!(cos.value, Threshold::Absolute(0.99));
     assert_eq!(cos.severity, Severity::Error);
     let top1 = c.gate("argmax-vs-llamacpp-top1").unwrap();
-    assert_eq!(
-        (top1.metric, top1.reduction, top1.comparison),
-        (Metric::Top1, Reduction::All, Comparison::Eq)
-    );
+    assert_eq!((top1.metric, top1.reduction, top1.comparison), (Metric::Top1, Reduction::All, Comparison::Eq));
     assert_eq!(top1.value, Threshold::Absolute(1.0));
     let count = c.gate("layer-count-parity").unwrap();
     assert_eq!(count.metric, Metric::LayerCountParity);
@@ -149,39 +145,30 @@ fn a_misspelt_metric_names_the_file_line_and_closest_name() {
 fn other_typos_are_caught_with_their_line() {
     // Reductions, comparisons and severities are checked like metrics.
     let err = parse(&one_gate("metric: kld\nreduction: p90\ncomparison: \"<=\"\nvalue: 1")).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "test-contract.yaml:6: gate `g`: unknown reduction `p90` (did you mean `p99`?)"
-    );
+    assert_eq!(err.to_string(), "test-contract.yaml:6: gate `g`: unknown reduction `p90` (did you mean `p99`?)");
     let err = parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"=<\"\nvalue: 1")).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "test-contract.yaml:7: gate `g`: unknown comparison `=<` (did you mean `<=`?)"
-    );
-    let err = parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nseverity: warn"))
-        .unwrap_err();
+    assert_eq!(err.to_string(), "test-contract.yaml:7: gate `g`: unknown comparison `=<` (did you mean `<=`?)");
+    let err =
+        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nseverity: warn")).unwrap_err();
     assert!(err.to_string().contains("unknown severity `warn` (did you mean `warning`?)"), "{err}");
 
     // A misspelt key in a native contract is an error, not silently ignored.
-    let err = parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nseverty: warning"))
-        .unwrap_err();
+    let err =
+        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nseverty: warning")).unwrap_err();
     assert!(err.to_string().contains("unknown field `severty`"), "{err}");
     assert_eq!(err.line(), Some(9));
 
     let err =
-        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: { floor_multiple: 0 }"))
-            .unwrap_err();
+        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: { floor_multiple: 0 }")).unwrap_err();
     assert!(matches!(err, ContractError::BadNumber { field: "value.floor_multiple", .. }), "{err}");
 
-    let err =
-        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: { floor_multiplier: 3 }"))
-            .unwrap_err();
+    let err = parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: { floor_multiplier: 3 }"))
+        .unwrap_err();
     assert!(err.to_string().contains("floor_multiplier"), "{err}");
 
-    let err = parse(&one_gate(
-        "metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nscope: { model: \"qwen[\" }",
-    ))
-    .unwrap_err();
+    let err =
+        parse(&one_gate("metric: kld\nreduction: max\ncomparison: \"<=\"\nvalue: 1\nscope: { model: \"qwen[\" }"))
+            .unwrap_err();
     assert!(matches!(err, ContractError::BadPattern { field: "model", .. }), "{err}");
 
     let dup = "id: t\nversion: 1\ngates:\n  - {id: a, metric: kld, reduction: max, comparison: \"<=\", value: 1}\n  - {id: a, metric: kld, reduction: max, comparison: \"<=\", value: 2}\n";
@@ -201,8 +188,7 @@ fn values_in_every_spelling() {
         ("3", Threshold::Absolute(3.0)),
         ("{ floor_multiple: 2.5 }", Threshold::FloorMultiple(2.5)),
     ] {
-        let c = parse(&one_gate(&format!("metric: kld\nreduction: max\ncomparison: le\nvalue: {value}")))
-            .unwrap();
+        let c = parse(&one_gate(&format!("metric: kld\nreduction: max\ncomparison: le\nvalue: {value}"))).unwrap();
         assert_eq!(c.gates[0].value, expected, "{value}");
         assert_eq!(c.gates[0].comparison, Comparison::Le);
     }
@@ -241,10 +227,7 @@ parity_gates:
     // Inside the block itself, typos are still errors.
     let bad = text.replace("metric: logits.cosine", "metric: logits.cosine_sim");
     let err = Contract::parse(bad.as_bytes(), Path::new("x.yaml")).unwrap_err();
-    assert!(
-        matches!(&err, ContractError::UnknownName { line: Some(13), suggestion: "logits.cosine", .. }),
-        "{err}"
-    );
+    assert!(matches!(&err, ContractError::UnknownName { line: Some(13), suggestion: "logits.cosine", .. }), "{err}");
 
     // No version anywhere: a clear error.
     let err = Contract::parse(b"parity_gates:\n  gates: []\n", Path::new("x.yaml")).unwrap_err();
@@ -258,9 +241,7 @@ fn contract_with(gates: &str) -> Contract {
 }
 
 fn gate_line(metric: &str, reduction: &str, cmp: &str, value: &str) -> String {
-    format!(
-        "  - {{id: g, metric: {metric}, reduction: {reduction}, comparison: \"{cmp}\", value: {value}}}\n"
-    )
+    format!("  - {{id: g, metric: {metric}, reduction: {reduction}, comparison: \"{cmp}\", value: {value}}}\n")
 }
 
 fn subject(metric: Metric, samples: &[f64]) -> Subject {
@@ -277,13 +258,7 @@ fn subject(metric: Metric, samples: &[f64]) -> Subject {
 }
 
 /// The one verdict of a one-gate contract on one subject.
-fn judge(
-    metric: &str,
-    reduction: &str,
-    cmp: &str,
-    value: &str,
-    samples: &[f64],
-) -> paritybench::contracts::Verdict {
+fn judge(metric: &str, reduction: &str, cmp: &str, value: &str, samples: &[f64]) -> paritybench::contracts::Verdict {
     let c = contract_with(&gate_line(metric, reduction, cmp, value));
     let m = Metric::parse(metric).unwrap();
     let e = c.evaluate(&[subject(m, samples)]);
@@ -315,14 +290,9 @@ fn each_reduction() {
     assert!(reduce(Reduction::WilsonLower, &[1.0, 0.5]).is_err());
     assert!(reduce(Reduction::Mean, &[]).is_err());
     // A NaN sample poisons every reduction but count.
-    for r in [
-        Reduction::Min,
-        Reduction::Max,
-        Reduction::Mean,
-        Reduction::Median,
-        Reduction::P99,
-        Reduction::WilsonLower,
-    ] {
+    for r in
+        [Reduction::Min, Reduction::Max, Reduction::Mean, Reduction::Median, Reduction::P99, Reduction::WilsonLower]
+    {
         assert!(reduce(r, &[1.0, f64::NAN, 0.0]).unwrap().is_nan(), "{r}");
     }
 }
@@ -392,15 +362,9 @@ fn each_comparison_at_its_boundary() {
 
 #[test]
 fn nan_always_fails() {
-    for (reduction, cmp) in [
-        ("min", ">"),
-        ("max", "<="),
-        ("mean", "<"),
-        ("median", ">="),
-        ("p99", "<="),
-        ("all", "<="),
-        ("all", "=="),
-    ] {
+    for (reduction, cmp) in
+        [("min", ">"), ("max", "<="), ("mean", "<"), ("median", ">="), ("p99", "<="), ("all", "<="), ("all", "==")]
+    {
         let v = judge("logits.rel_l2", reduction, cmp, "1e9", &[1e-6, f64::NAN, 1e-6]);
         assert_eq!(v.outcome, Outcome::Failed, "{reduction} {cmp}");
         assert!(v.observed.unwrap().is_nan(), "{reduction} {cmp}");
@@ -463,10 +427,7 @@ fn scope_missing_data_and_severity() {
     let v = by_id["f32-only"];
     assert_eq!((v.contract.id.as_str(), v.contract.version.as_str()), ("t", "7"));
     assert_eq!(v.contract.sha256, c.sha256);
-    assert_eq!(
-        (v.model.as_str(), v.reference.as_str(), v.mode.as_deref()),
-        ("qwen3-dense", "hf-f32", Some("prefill"))
-    );
+    assert_eq!((v.model.as_str(), v.reference.as_str(), v.mode.as_deref()), ("qwen3-dense", "hf-f32", Some("prefill")));
 
     // Without the error gate that lacks data, a failed warning does not fail the run.
     let mut s2 = s.clone();

@@ -94,7 +94,8 @@ fn the_manifest_records_what_was_asked_and_measured() {
     tiny_checkpoint(&m, "qwen3");
     let mut req = request(&m, &prompts(), Mode::Prefill, 3);
     req.positions = Positions::List(vec![1, 4, 5]);
-    req.captures.points = vec![CapturePoint::Embed, CapturePoint::AttnOut, CapturePoint::MoeRouter, CapturePoint::FinalNorm];
+    req.captures.points =
+        vec![CapturePoint::Embed, CapturePoint::AttnOut, CapturePoint::MoeRouter, CapturePoint::FinalNorm];
     req.captures.layers = Layers::List(vec![2]);
     req.warmup = 1;
     req.repeats = 3;
@@ -103,7 +104,10 @@ fn the_manifest_records_what_was_asked_and_measured() {
     assert_eq!(man.engine.name, "paritybench-engine");
     assert_eq!((man.engine.backend.as_str(), man.engine.device.as_str()), ("cpu", "cpu"));
     assert_eq!(man.model.architecture.as_deref(), Some("qwen3"));
-    assert_eq!((man.model.format.as_str(), man.model.quant.as_str(), man.model.compute_dtype.as_str()), ("safetensors", "f32", "f32"));
+    assert_eq!(
+        (man.model.format.as_str(), man.model.quant.as_str(), man.model.compute_dtype.as_str()),
+        ("safetensors", "f32", "f32")
+    );
     assert_eq!(man.model.vocab_size, Some(TINY_V as u32));
     assert!(man.load_ms.is_some() && man.peak_rss_bytes.unwrap() > 0);
     assert!(man.captures.absent["moe_router"].contains("no MoE layers"));
@@ -149,7 +153,10 @@ fn a_missing_tensor_names_tensor_file_and_architecture() {
     t.remove("model.layers.1.self_attn.k_norm.weight");
     write_safetensors(&f, &t, &BTreeMap::new());
     let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
-    assert!(e.contains("model.layers.1.self_attn.k_norm.weight") && e.contains("model.safetensors") && e.contains("qwen3"), "{e}");
+    assert!(
+        e.contains("model.layers.1.self_attn.k_norm.weight") && e.contains("model.safetensors") && e.contains("qwen3"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -158,7 +165,10 @@ fn a_sparse_layer_never_falls_back_to_a_dense_mlp_and_vice_versa() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model_with(tmp.path(), "qwen3_moe", |c| c["mlp_only_layers"] = serde_json::json!([]));
     let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
-    assert!(e.contains("model.layers.0.mlp.gate.weight") && e.contains("sparse MoE layer") && e.contains("qwen3_moe"), "{e}");
+    assert!(
+        e.contains("model.layers.0.mlp.gate.weight") && e.contains("sparse MoE layer") && e.contains("qwen3_moe"),
+        "{e}"
+    );
     // The file has experts in layer 1; the config now says layer 1 is dense.
     let tmp = tempfile::tempdir().unwrap();
     let m = model_with(tmp.path(), "qwen3_moe", |c| c["mlp_only_layers"] = serde_json::json!([0, 1]));
@@ -171,7 +181,10 @@ fn a_wrong_shape_names_tensor_and_both_shapes() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model_with(tmp.path(), "qwen3", |c| c["intermediate_size"] = 50.into());
     let e = run_err(&request(&m, &prompts(), Mode::Prefill, 0), tmp.path());
-    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[48, 32]") && e.contains("[50, 32]"), "{e}");
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[48, 32]") && e.contains("[50, 32]"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -28,8 +28,12 @@ use support::{engine_run, stderr};
 
 const GGUF_MODELS: [&str; 3] = ["qwen3-dense", "qwen3-moe", "qwen2"];
 /// Quantized files and the llama.cpp reference of each.
-const QUANTS: [(&str, &str); 4] =
-    [("Q8_0", "llamacpp-q8_0"), ("Q6_K", "llamacpp-q6_k"), ("Q5_K_M", "llamacpp-q5_k_m"), ("Q4_K_M", "llamacpp-q4_k_m")];
+const QUANTS: [(&str, &str); 4] = [
+    ("Q8_0", "llamacpp-q8_0"),
+    ("Q6_K", "llamacpp-q6_k"),
+    ("Q5_K_M", "llamacpp-q5_k_m"),
+    ("Q4_K_M", "llamacpp-q4_k_m"),
+];
 
 fn fixtures() -> PathBuf {
     let cache = match std::env::var_os("PARITYBENCH_CACHE") {
@@ -87,7 +91,12 @@ fn run_engine(model: &str, ref_id: &str, model_path: &Path, tmp: &Path) -> Dump 
     req.save(&mine).unwrap();
     let out = tmp.join(format!("engine-{ref_id}"));
     let o = engine_run(&mine, &out, &[]);
-    assert!(o.status.success(), "{model}: engine failed on {} with the {ref_id} request: {}", model_path.display(), stderr(&o));
+    assert!(
+        o.status.success(),
+        "{model}: engine failed on {} with the {ref_id} request: {}",
+        model_path.display(),
+        stderr(&o)
+    );
     Dump::open_complete(&out).unwrap()
 }
 
@@ -123,7 +132,13 @@ fn f16_diagnostics(r: &Report) -> (String, String) {
         for layer in &p.layers {
             if let LayerValues::ExpertIds(x) = &layer.values {
                 if x.set_matches != x.n_positions {
-                    flips.push(format!("{} {} {}/{}", p.id, layer.tensor, x.n_positions - x.set_matches, x.n_positions));
+                    flips.push(format!(
+                        "{} {} {}/{}",
+                        p.id,
+                        layer.tensor,
+                        x.n_positions - x.set_matches,
+                        x.n_positions
+                    ));
                 }
             }
         }
@@ -138,7 +153,9 @@ fn disagreement_margins(r: &Report) -> String {
         .prompts
         .iter()
         .filter_map(|p| p.topk.as_ref())
-        .flat_map(|t| t.top1.iter().zip(t.reference_margin.as_deref().unwrap_or(&[])).filter(|(ok, _)| !**ok).map(|(_, &m)| m))
+        .flat_map(|t| {
+            t.top1.iter().zip(t.reference_margin.as_deref().unwrap_or(&[])).filter(|(ok, _)| !**ok).map(|(_, &m)| m)
+        })
         .collect();
     if m.is_empty() {
         return "none".into();
@@ -199,7 +216,9 @@ fn gguf_f16(model: &str) {
         kld_mean(&l_hf)
     );
     let (over, flips) = f16_diagnostics(&e_hf);
-    eprintln!("RESULT {model} F16: positions over 5e-3: {over}; expert choices differing from HF FP32 (set, per layer): {flips}");
+    eprintln!(
+        "RESULT {model} F16: positions over 5e-3: {over}; expert choices differing from HF FP32 (set, per layer): {flips}"
+    );
     assert!(e_max <= 5e-3, "{model} F16: engine rel-L2 vs HF FP32 max {e_max:.3e} > 5e-3");
     assert!(e_max <= 1.1 * l_max, "{model} F16: engine rel-L2 max {e_max:.3e} > 1.1 × llama.cpp's {l_max:.3e}");
     assert!(e_mean <= 1.1 * l_mean, "{model} F16: engine rel-L2 mean {e_mean:.3e} > 1.1 × llama.cpp's {l_mean:.3e}");
@@ -299,14 +318,20 @@ fn safetensors_f32(model: &str, ref_id: &str) {
                 }
                 LayerValues::ExpertIds(x) => {
                     if x.set_matches != x.n_positions {
-                        failures.push(format!("prompt {:?} {}: experts agree at {}/{}", p.id, layer.tensor, x.set_matches, x.n_positions));
+                        failures.push(format!(
+                            "prompt {:?} {}: experts agree at {}/{}",
+                            p.id, layer.tensor, x.set_matches, x.n_positions
+                        ));
                     }
                 }
             }
         }
         let g = p.greedy.as_ref().expect("both dumps hold a greedy continuation");
         if g.first_divergent_step.is_some() || g.match_len != 32 {
-            failures.push(format!("prompt {:?}: greedy continuation diverges at step {:?} (match {})", p.id, g.first_divergent_step, g.match_len));
+            failures.push(format!(
+                "prompt {:?}: greedy continuation diverges at step {:?} (match {})",
+                p.id, g.first_divergent_step, g.match_len
+            ));
         }
     }
     let ma = r.overall.summary.top1_margin_aware.expect("reference margins known");
@@ -470,6 +495,9 @@ fn gguf_with_an_explicit_tokenizer_json() {
     let o = engine_run(&rp, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let d = Dump::open_complete(&out).unwrap();
-    assert_eq!(d.manifest.tokenizer.sha256.as_deref(), Some(paritybench::protocol::sha256_file(&json).unwrap().as_str()));
+    assert_eq!(
+        d.manifest.tokenizer.sha256.as_deref(),
+        Some(paritybench::protocol::sha256_file(&json).unwrap().as_str())
+    );
     assert_tokenizer_parity("qwen3-dense Q8_0 with tokenizer.json", &d);
 }

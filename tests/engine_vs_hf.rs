@@ -123,9 +123,19 @@ fn check(name: &str, mode: Mode) {
         }
         // greedy continuation
         let generated = shard.generated().unwrap();
-        assert_eq!(&*generated, &i32s(&format!("{}.generated", p.id))[..], "{name} {mode:?} prompt {}: greedy tokens", p.id);
+        assert_eq!(
+            &*generated,
+            &i32s(&format!("{}.generated", p.id))[..],
+            "{name} {mode:?} prompt {}: greedy tokens",
+            p.id
+        );
         // every capture the reference has must be in the dump and agree
-        let ref_names: Vec<String> = refs.names().into_iter().filter(|n| n.starts_with(&format!("{}.hidden.", p.id))).map(|n| n.to_string()).collect();
+        let ref_names: Vec<String> = refs
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{}.hidden.", p.id)))
+            .map(|n| n.to_string())
+            .collect();
         let dump_names: Vec<String> = shard.captures().into_iter().map(|(_, _, n)| n).collect();
         let mut want_names: Vec<String> = ref_names.iter().map(|n| n[p.id.len() + 1..].to_string()).collect();
         want_names.sort();
@@ -138,7 +148,11 @@ fn check(name: &str, mode: Mode) {
                 let want = i32s(&key);
                 let got = got.to_i32().unwrap();
                 for (r, &pos) in positions.iter().enumerate() {
-                    assert_eq!(&got[r * k..(r + 1) * k], &want[pos * k..(pos + 1) * k], "{name} {mode:?} {key} position {pos}");
+                    assert_eq!(
+                        &got[r * k..(r + 1) * k],
+                        &want[pos * k..(pos + 1) * k],
+                        "{name} {mode:?} {key} position {pos}"
+                    );
                 }
                 continue;
             }
@@ -160,7 +174,13 @@ fn check(name: &str, mode: Mode) {
         }
     }
     let caps: Vec<String> = worst.captures.iter().map(|(k, v)| format!("{k} {v:.1e}")).collect();
-    println!("{name:16} {:11} logits {:.2e} | {} captures, worst per point: {}", format!("{mode:?}"), worst.logits, n_captures, caps.join(", "));
+    println!(
+        "{name:16} {:11} logits {:.2e} | {} captures, worst per point: {}",
+        format!("{mode:?}"),
+        worst.logits,
+        n_captures,
+        caps.join(", ")
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::process::Command;
 use paritybench::config::Config;
 use paritybench::once::record::{RunRecord, Status};
 use paritybench::protocol::{
-    CaptureRecord, CapturePoint, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, Prompt, PromptShard,
+    CapturePoint, CaptureRecord, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, Prompt, PromptShard,
     Request, Tensor, Timings, TokenizerInfo,
 };
 
@@ -55,8 +55,20 @@ fn manifest(ids: Vec<String>) -> Manifest {
     Manifest {
         schema: 1,
         complete: false,
-        engine: EngineInfo { name: "toy".into(), version: "1".into(), backend: "cpu".into(), device: "cpu".into(), ..Default::default() },
-        model: ModelInfo { path: "toy-model".into(), format: "safetensors".into(), quant: "f32".into(), compute_dtype: "f32".into(), ..Default::default() },
+        engine: EngineInfo {
+            name: "toy".into(),
+            version: "1".into(),
+            backend: "cpu".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        },
+        model: ModelInfo {
+            path: "toy-model".into(),
+            format: "safetensors".into(),
+            quant: "f32".into(),
+            compute_dtype: "f32".into(),
+            ..Default::default()
+        },
         tokenizer: TokenizerInfo::default(),
         mode: Mode::Prefill,
         request_sha256: "0".repeat(64),
@@ -103,7 +115,13 @@ fn write_dump(dir: &Path, behaviour: Behaviour) {
             positions: (0..n as i32).collect(),
             logits: Some(Tensor::f32(vec![n, V], logits)),
             generated: vec![1, 2, 3],
-            timings: Timings { prefill_ms: vec![2.0], decode_ms: vec![3.0], prefill_tokens: n as u32, decode_tokens: 3, ttft_ms: vec![] },
+            timings: Timings {
+                prefill_ms: vec![2.0],
+                decode_ms: vec![3.0],
+                prefill_tokens: n as u32,
+                decode_tokens: 3,
+                ttft_ms: vec![],
+            },
             ..Default::default()
         };
         shard.capture(CapturePoint::Embed, 0, Tensor::f32(vec![n, H], values(seed + 1, n * H)));
@@ -167,7 +185,11 @@ impl World {
             .env_remove("PARITYBENCH_CONFIG")
             .output()
             .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 }
 
@@ -242,7 +264,12 @@ fn world() -> World {
     std::fs::write(model_dir.join("floors/fp32-eager-vs-sdpa.json"), floors).unwrap();
 
     // the engine's outputs, one per behaviour that writes a dump
-    for (name, b) in [("correct", Behaviour::Correct), ("scaled", Behaviour::Scaled), ("nan", Behaviour::Nan), ("partial", Behaviour::Partial)] {
+    for (name, b) in [
+        ("correct", Behaviour::Correct),
+        ("scaled", Behaviour::Scaled),
+        ("nan", Behaviour::Nan),
+        ("partial", Behaviour::Partial),
+    ] {
         write_dump(&root.join("dumps").join(name), b);
     }
 
@@ -261,7 +288,9 @@ fn world() -> World {
     ] {
         let body = match b {
             Behaviour::Correct | Behaviour::Scaled | Behaviour::Nan => {
-                format!("test -f \"$1\" || exit 2\nmkdir -p \"$2\" && cp -R \"$TOY_DUMPS/{name}/.\" \"$2\"\necho wrote \"$2\"\n")
+                format!(
+                    "test -f \"$1\" || exit 2\nmkdir -p \"$2\" && cp -R \"$TOY_DUMPS/{name}/.\" \"$2\"\necho wrote \"$2\"\n"
+                )
             }
             Behaviour::Crash => "echo 'toy: segmentation fault in layer 2' >&2\nkill -SEGV $$\n".to_string(),
             Behaviour::Hang => "echo 'toy: waiting forever' >&2\nsleep 60\n".to_string(),
@@ -348,7 +377,11 @@ fn correct_scaled_and_crashing_commits() {
     let results = crash.results.as_ref().unwrap();
     assert!(results.error.as_deref().unwrap().contains("toy: segmentation fault in layer 2"), "{:?}", results.error);
     assert!(results.measurements.is_empty() && results.verdicts.is_empty());
-    let log = w.data().join("runs").join(crash.id.to_string()).join(results.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
+    let log = w
+        .data()
+        .join("runs")
+        .join(crash.id.to_string())
+        .join(results.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
     assert!(std::fs::read_to_string(log).unwrap().contains("segmentation fault"));
     for (i, text) in before.iter().enumerate() {
         assert_eq!(&serde_json::to_string(&records[i]).unwrap(), text, "run {} changed", records[i].id);
@@ -374,8 +407,18 @@ fn the_same_commit_twice_stores_bit_identical_parity_numbers() {
         x.measurements
             .iter()
             .filter(|m| parity(m))
-            .map(|m| (format!("{}/{}/{}/{:?}/{}/{}", m.model, m.reference, m.mode, m.prompt, m.metric, m.statistic), m.value.to_bits()))
-            .chain(x.layers.iter().map(|l| (format!("{}/{}/{}", l.mode, l.capture, l.layer), l.rel_l2.to_bits() ^ l.cosine.to_bits().rotate_left(1))))
+            .map(|m| {
+                (
+                    format!("{}/{}/{}/{:?}/{}/{}", m.model, m.reference, m.mode, m.prompt, m.metric, m.statistic),
+                    m.value.to_bits(),
+                )
+            })
+            .chain(x.layers.iter().map(|l| {
+                (
+                    format!("{}/{}/{}", l.mode, l.capture, l.layer),
+                    l.rel_l2.to_bits() ^ l.cosine.to_bits().rotate_left(1),
+                )
+            }))
             .chain(x.verdicts.iter().map(|v| (format!("{}/{:?}", v.gate_id, v.mode), v.observed.unwrap().to_bits())))
             .collect()
     };
@@ -388,10 +431,15 @@ fn bad_revisions_are_clear_errors_and_record_nothing() {
     let repo = w.root().join("engine");
     let tree = git(&repo, &["rev-parse", "HEAD^{tree}"]);
     let blob = git(&repo, &["rev-parse", "HEAD:engine.sh"]);
-    for (rev, want) in [("no-such-branch", "no such revision"), (tree.as_str(), "it is a tree"), (blob.as_str(), "it is a blob")] {
+    for (rev, want) in
+        [("no-such-branch", "no such revision"), (tree.as_str(), "it is a tree"), (blob.as_str(), "it is a blob")]
+    {
         let (code, stdout, stderr) = w.once(rev, &[]);
         assert_eq!(code, 2, "{rev}: {stdout} {stderr}");
-        assert!(stderr.contains(rev) && stderr.contains("does not name a commit") && stderr.contains(want), "{rev}: {stderr}");
+        assert!(
+            stderr.contains(rev) && stderr.contains("does not name a commit") && stderr.contains(want),
+            "{rev}: {stderr}"
+        );
     }
     assert!(w.records().is_empty());
 }
@@ -425,7 +473,8 @@ fn nan_fails_every_gate_it_touches() {
     assert_eq!(r.len(), 1);
     // one NaN logit in each of the two prompts, counted in both modes
     let m = &r[0].results.as_ref().unwrap().measurements;
-    let nonfinite: Vec<f64> = m.iter().filter(|m| m.metric == "nonfinite" && m.prompt.is_none()).map(|m| m.value).collect();
+    let nonfinite: Vec<f64> =
+        m.iter().filter(|m| m.metric == "nonfinite" && m.prompt.is_none()).map(|m| m.value).collect();
     assert_eq!(nonfinite, [2.0, 2.0]);
     let alpha = m.iter().find(|m| m.metric == "nonfinite" && m.prompt.as_deref() == Some("alpha")).unwrap();
     assert_eq!(alpha.value, 1.0);
@@ -434,11 +483,14 @@ fn nan_fails_every_gate_it_touches() {
 #[test]
 fn a_contract_typo_is_named_before_anything_runs() {
     let w = world();
-    std::fs::write(w.root().join("contract.yaml"), CONTRACT.replace("metric: logits.rel_l2", "metric: logits.rel_l3")).unwrap();
+    std::fs::write(w.root().join("contract.yaml"), CONTRACT.replace("metric: logits.rel_l2", "metric: logits.rel_l3"))
+        .unwrap();
     let (code, stdout, stderr) = w.once("correct", &[]);
     assert_eq!(code, 2, "{stdout} {stderr}");
     assert!(
-        stderr.contains("contract.yaml") && stderr.contains("`logits.rel_l3`") && stderr.contains("did you mean `logits.rel_l2`"),
+        stderr.contains("contract.yaml")
+            && stderr.contains("`logits.rel_l3`")
+            && stderr.contains("did you mean `logits.rel_l2`"),
         "{stderr}"
     );
     assert!(w.records().is_empty());

@@ -11,9 +11,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use paritybench::contracts::{Contract, ContractRef, Metric, Outcome, Severity, Subject};
 use paritybench::store::{
-    self, Backend, CommitSha, DeviceFingerprint, EngineId, Enqueued, JobStatus, LayerParity, Measurement,
-    NewCommit, NewJob, NewRun, RunResults, RunStatus, SeriesSubject, Store, StoreError, StoredVerdict,
-    Trigger,
+    self, Backend, CommitSha, DeviceFingerprint, EngineId, Enqueued, JobStatus, LayerParity, Measurement, NewCommit,
+    NewJob, NewRun, RunResults, RunStatus, SeriesSubject, Store, StoreError, StoredVerdict, Trigger,
 };
 
 // ------------------------------------------------------------------------- harness
@@ -116,10 +115,7 @@ fn seed_contract() -> Contract {
 async fn engine_and_commit(store: &dyn Store, generation: i64) -> (EngineId, paritybench::store::CommitId) {
     let e = store.upsert_engine("paritybench", None).await.unwrap();
     let c = store
-        .upsert_commit(
-            e.id,
-            &NewCommit { sha: sha(generation as u32), generation, committed_at: None, title: None },
-        )
+        .upsert_commit(e.id, &NewCommit { sha: sha(generation as u32), generation, committed_at: None, title: None })
         .await
         .unwrap();
     (e.id, c.id)
@@ -177,10 +173,7 @@ fn judged_results(cosines: Vec<f64>) -> RunResults {
         dtype: Some("f16".into()),
         mode: Some("prefill".into()),
         prompt: None,
-        samples: BTreeMap::from([
-            (Metric::LogitsCosine, cosines.clone()),
-            (Metric::LayerCountParity, vec![1.0; 8]),
-        ]),
+        samples: BTreeMap::from([(Metric::LogitsCosine, cosines.clone()), (Metric::LayerCountParity, vec![1.0; 8])]),
         noise_floors: BTreeMap::new(),
     };
     let llama = Subject {
@@ -199,10 +192,7 @@ fn judged_results(cosines: Vec<f64>) -> RunResults {
             measurement("qwen3-dense", "hf-f16", "logits.cosine", "min", min),
             measurement("qwen3-dense", "hf-f16", "logits.rel_l2", "max", 3.5e-3),
             measurement("qwen3-dense", "llamacpp-f16", "top1", "mean", 2.0 / 3.0),
-            Measurement {
-                prompt: Some("p0".into()),
-                ..measurement("qwen3-dense", "hf-f16", "kld", "p99", 1e-5)
-            },
+            Measurement { prompt: Some("p0".into()), ..measurement("qwen3-dense", "hf-f16", "kld", "p99", 1e-5) },
         ],
         layers: (0..4)
             .map(|layer| LayerParity {
@@ -243,14 +233,10 @@ async fn engines_and_commits(store: Arc<dyn Store>) {
     assert_eq!(store.engine_by_name("apr").await.unwrap(), Some(c.clone()));
     assert_eq!(store.engine_by_name("nope").await.unwrap(), None);
 
-    let nc =
-        NewCommit { sha: sha(7), generation: 7, committed_at: Some(t(70)), title: Some("Fix rope".into()) };
+    let nc = NewCommit { sha: sha(7), generation: 7, committed_at: Some(t(70)), title: Some("Fix rope".into()) };
     let c1 = store.upsert_commit(a.id, &nc).await.unwrap();
     assert_eq!((c1.sha.clone(), c1.generation, c1.committed_at), (sha(7), 7, Some(t(70))));
-    let c2 = store
-        .upsert_commit(a.id, &NewCommit { title: None, committed_at: None, ..nc.clone() })
-        .await
-        .unwrap();
+    let c2 = store.upsert_commit(a.id, &NewCommit { title: None, committed_at: None, ..nc.clone() }).await.unwrap();
     assert_eq!(c1, c2, "same sha, same commit; missing fields keep what is stored");
     assert_eq!(store.commit_by_sha(a.id, &sha(7)).await.unwrap(), Some(c1.clone()));
     assert_eq!(store.commit_by_sha(a.id, &sha(8)).await.unwrap(), None);
@@ -262,10 +248,7 @@ async fn engines_and_commits(store: Arc<dyn Store>) {
     // A run must name a commit of its own engine.
     let err = store.create_run(&new_run(other.id, c1.id, cpu(), vec![])).await.unwrap_err();
     assert!(matches!(err, StoreError::Invalid { field: "run commit", .. }), "{err}");
-    let err = store
-        .create_run(&new_run(a.id, paritybench::store::CommitId(999_999), cpu(), vec![]))
-        .await
-        .unwrap_err();
+    let err = store.create_run(&new_run(a.id, paritybench::store::CommitId(999_999), cpu(), vec![])).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound { what: "commit", .. }), "{err}");
 }
 
@@ -296,8 +279,7 @@ async fn run_lifecycle_round_trips_everything(store: Arc<dyn Store>) {
     // A NaN observation (a failed verdict) must not read back as "missing".
     let mut nan_verdict = results.verdicts[0].clone();
     nan_verdict.gate_id = "nan-observed".into();
-    (nan_verdict.observed, nan_verdict.outcome, nan_verdict.passed) =
-        (Some(f64::NAN), Outcome::Failed, false);
+    (nan_verdict.observed, nan_verdict.outcome, nan_verdict.passed) = (Some(f64::NAN), Outcome::Failed, false);
     // A missing one (no floor: threshold NaN, nothing observed) reads back as missing.
     let mut missing_verdict = results.verdicts[0].clone();
     missing_verdict.gate_id = "no-floor".into();
@@ -332,20 +314,14 @@ async fn run_lifecycle_round_trips_everything(store: Arc<dyn Store>) {
     let [nan, missing] = extra else { panic!("{extra:?}") };
     assert_eq!((nan.gate_id.as_str(), nan.outcome), ("nan-observed", Outcome::Failed));
     assert!(nan.observed.unwrap().is_nan());
-    assert_eq!(
-        (missing.gate_id.as_str(), missing.outcome, missing.observed),
-        ("no-floor", Outcome::Missing, None)
-    );
+    assert_eq!((missing.gate_id.as_str(), missing.outcome, missing.observed), ("no-floor", Outcome::Missing, None));
     assert!(missing.threshold.is_nan());
     let failed: Vec<&StoredVerdict> = verdicts.iter().filter(|v| !v.passed).collect();
     let failed_ids: BTreeSet<&str> = failed.iter().map(|v| v.gate_id.as_str()).collect();
     assert_eq!(failed_ids, BTreeSet::from(["logits-cosine-vs-hf-fp16", "argmax-vs-llamacpp-top1"]));
     let cos = failed.iter().find(|v| v.gate_id == "logits-cosine-vs-hf-fp16").unwrap();
     assert_eq!((cos.observed, cos.threshold, cos.n_samples), (Some(0.98), 0.99, 3));
-    assert_eq!(
-        (cos.contract.clone(), cos.severity, cos.outcome),
-        (contract.clone(), Severity::Error, Outcome::Failed)
-    );
+    assert_eq!((cos.contract.clone(), cos.severity, cos.outcome), (contract.clone(), Severity::Error, Outcome::Failed));
 
     // A finished run stays finished.
     let err = store.finish_run(id, &RunResults::errored("again")).await.unwrap_err();
@@ -353,8 +329,7 @@ async fn run_lifecycle_round_trips_everything(store: Arc<dyn Store>) {
         matches!(err, StoreError::InvalidTransition { from: RunStatus::Failed, to: RunStatus::Errored, .. }),
         "{err}"
     );
-    let err =
-        store.finish_run(paritybench::store::RunId(987_654), &RunResults::errored("x")).await.unwrap_err();
+    let err = store.finish_run(paritybench::store::RunId(987_654), &RunResults::errored("x")).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound { what: "run", .. }), "{err}");
     let mut not_final = RunResults::errored("x");
     not_final.status = RunStatus::Running;
@@ -396,8 +371,7 @@ async fn queued_runs_start_then_finish(store: Arc<dyn Store>) {
 
 async fn errored_run_keeps_what_it_finished(store: Arc<dyn Store>) {
     let (engine, commit) = engine_and_commit(&*store, 9).await;
-    let id =
-        store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
+    let id = store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
     let mut results = judged_results(vec![0.9999; 4]);
     results.status = RunStatus::Errored;
     results.error = Some("engine exited with signal 11 (SIGSEGV) after prompt 3 of 8".into());
@@ -416,8 +390,7 @@ async fn errored_run_keeps_what_it_finished(store: Arc<dyn Store>) {
 
 async fn finishing_is_all_or_nothing(store: Arc<dyn Store>) {
     let (engine, commit) = engine_and_commit(&*store, 5).await;
-    let id =
-        store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
+    let id = store.create_run(&new_run(engine, commit, cpu(), vec![seed_contract().reference()])).await.unwrap();
     let mut results = judged_results(vec![0.9999; 4]);
     // The last verdict is one the database refuses (comparisons are a closed set); by then
     // the series, measurements and layers were inserted.
@@ -445,10 +418,7 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
     // Commits recorded out of order: trends follow generation, not insertion.
     for g in [5, 1, 4, 2, 3] {
         let c = store
-            .upsert_commit(
-                e.id,
-                &NewCommit { sha: sha(g), generation: g as i64, committed_at: None, title: None },
-            )
+            .upsert_commit(e.id, &NewCommit { sha: sha(g), generation: g as i64, committed_at: None, title: None })
             .await
             .unwrap();
         commits.insert(g, c.id);
@@ -510,14 +480,9 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
 
     let latest = store.latest_per_series(Some("paritybench")).await.unwrap();
     assert_eq!(latest.len(), 3, "{latest:#?}");
-    let cpu_v1 = latest
-        .iter()
-        .find(|l| l.series.device_key == cpu().key() && l.series.contract_key.ends_with("@1"))
-        .unwrap();
-    assert_eq!(
-        (cpu_v1.latest.run_id, cpu_v1.latest.generation, cpu_v1.latest.status),
-        (r5, 5, RunStatus::Passed)
-    );
+    let cpu_v1 =
+        latest.iter().find(|l| l.series.device_key == cpu().key() && l.series.contract_key.ends_with("@1")).unwrap();
+    assert_eq!((cpu_v1.latest.run_id, cpu_v1.latest.generation, cpu_v1.latest.status), (r5, 5, RunStatus::Passed));
     assert_eq!(cpu_v1.latest.commit_sha, sha(5));
     assert_eq!(cpu_v1.series.model, "qwen3-dense");
     assert_eq!(cpu_v1.series.fixture_id, "fx-qwen3-dense-hf-f32-1");
@@ -531,8 +496,7 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
     let series = cpu_v1.series.id;
     assert_eq!(store.series(series).await.unwrap().as_ref(), Some(&cpu_v1.series));
     let runs = store.series_runs(series, 100).await.unwrap();
-    let order: Vec<(i64, paritybench::store::RunId)> =
-        runs.iter().map(|r| (r.generation, r.run_id)).collect();
+    let order: Vec<(i64, paritybench::store::RunId)> = runs.iter().map(|r| (r.generation, r.run_id)).collect();
     assert_eq!(order, vec![(1, r1), (2, r2), (2, r2b), (3, r3), (4, r4), (5, r5)]);
     let failed: Vec<i64> = runs.iter().map(|r| r.failed_gates).collect();
     assert_eq!(failed, vec![0, 0, 0, 0, 1, 0]);
@@ -569,17 +533,11 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
         dedupe_key: dedupe.map(str::to_string),
     };
     let Enqueued::New(low) = store.enqueue_job(&job("run", 0, None), t(0)).await.unwrap() else { panic!() };
-    let Enqueued::New(high) = store.enqueue_job(&job("run", 10, Some("delivery-1")), t(0)).await.unwrap()
-    else {
+    let Enqueued::New(high) = store.enqueue_job(&job("run", 10, Some("delivery-1")), t(0)).await.unwrap() else {
         panic!()
     };
-    assert_eq!(
-        store.enqueue_job(&job("run", 10, Some("delivery-1")), t(1)).await.unwrap(),
-        Enqueued::Duplicate(high)
-    );
-    let Enqueued::New(bisect) = store.enqueue_job(&job("bisect", 99, None), t(0)).await.unwrap() else {
-        panic!()
-    };
+    assert_eq!(store.enqueue_job(&job("run", 10, Some("delivery-1")), t(1)).await.unwrap(), Enqueued::Duplicate(high));
+    let Enqueued::New(bisect) = store.enqueue_job(&job("bisect", 99, None), t(0)).await.unwrap() else { panic!() };
     let mut later = job("run", 100, None);
     later.run_after = t(1000);
     let Enqueued::New(delayed) = store.enqueue_job(&later, t(0)).await.unwrap() else { panic!() };
@@ -635,10 +593,7 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
     // that lease expires too, the job is out of attempts and dead.
     let lost = store.claim_job("w9", &[], Duration::from_secs(1), t(2000)).await.unwrap().unwrap();
     assert_eq!((lost.id, lost.attempt), (delayed, 2));
-    assert_eq!(
-        store.job(delayed).await.unwrap().unwrap().last_error.as_deref(),
-        Some("lease expired (worker w1)")
-    );
+    assert_eq!(store.job(delayed).await.unwrap().unwrap().last_error.as_deref(), Some("lease expired (worker w1)"));
     assert_eq!(store.claim_job("w9", &[], Duration::from_secs(1), t(2002)).await.unwrap(), None);
     let j = store.job(delayed).await.unwrap().unwrap();
     assert_eq!(j.status, JobStatus::Dead);
@@ -663,9 +618,7 @@ async fn concurrent_claims_never_share_a_job(store: Arc<dyn Store>) {
         let store = store.clone();
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
-            while let Some(j) =
-                store.claim_job(&format!("w{w}"), &[], Duration::from_secs(600), t(1)).await.unwrap()
-            {
+            while let Some(j) = store.claim_job(&format!("w{w}"), &[], Duration::from_secs(600), t(1)).await.unwrap() {
                 assert!(store.complete_job(j.id, &j.token, t(2)).await.unwrap());
                 mine.push(j.id);
             }
@@ -758,9 +711,7 @@ where
 {
     let started = std::time::Instant::now();
     let e = store.upsert_engine("paritybench", None).await.unwrap();
-    let n = |count: u32| {
-        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) ")
-    };
+    let n = |count: u32| format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) ");
     let engine = e.id.0;
     let statements = [
         format!("INSERT INTO commits (engine_id, sha, generation) {} SELECT {engine}, {hex40}, i FROM n", n(1000)),

@@ -55,9 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         floor_k: args.floor_k,
         min_floor: args.min_floor,
     };
-    let report = metrics::compare(&engine, &reference, &opts).with_context(|| {
-        format!("comparing {} with {}", args.engine.display(), args.reference.display())
-    })?;
+    let report = metrics::compare(&engine, &reference, &opts)
+        .with_context(|| format!("comparing {} with {}", args.engine.display(), args.reference.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).context("serializing the report")?);
     } else {

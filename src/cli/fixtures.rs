@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::Outcome;
-use crate::fixtures::{self, build, build::BuildConfig, GenError, Lock, ModelSpec, TokenizerFiles};
+use crate::fixtures::{self, GenError, Lock, ModelSpec, TokenizerFiles, build, build::BuildConfig};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -154,7 +154,15 @@ fn build_config(args: &BuildArgs) -> anyhow::Result<BuildConfig> {
     let python = std::env::var_os("PARITYBENCH_PYTHON")
         .map(PathBuf::from)
         .context("PARITYBENCH_PYTHON is not set: run `eval \"$(bash runners/setup.sh)\"` first")?;
-    Ok(BuildConfig { repo, root, suite, models, python, force: args.force, timeout: Duration::from_secs(args.timeout_s) })
+    Ok(BuildConfig {
+        repo,
+        root,
+        suite,
+        models,
+        python,
+        force: args.force,
+        timeout: Duration::from_secs(args.timeout_s),
+    })
 }
 
 fn load_lock(path: &std::path::Path) -> anyhow::Result<Lock> {
@@ -170,7 +178,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<Outcome> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&built.record)?);
     } else {
-        println!("\nNoise floors and cross-checks (A vs B; relL2 = |A-B|/|B| of the logits, per position; KLD = KL(B||A)):");
+        println!(
+            "\nNoise floors and cross-checks (A vs B; relL2 = |A-B|/|B| of the logits, per position; KLD = KL(B||A)):"
+        );
         print!("{}", build::render_floors(&built.record.floors));
         println!(
             "\nfixture {} ({} models, suite {} with {} scored positions) in {:.0} s: {}",

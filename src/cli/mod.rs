@@ -24,7 +24,11 @@ pub const EXIT_GATE_FAILED: i32 = 1;
 pub const EXIT_COULD_NOT_RUN: i32 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "runner", version, about = "paritybench: parity and regression benchmarking for LLM inference engines")]
+#[command(
+    name = "runner",
+    version,
+    about = "paritybench: parity and regression benchmarking for LLM inference engines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -172,13 +172,7 @@ pub enum ContractError {
         suggestion: &'static str,
     },
     #[error("{}: gate `{gate}`: scope.{field}: invalid pattern `{pattern}`: {source}", path.display())]
-    BadPattern {
-        path: PathBuf,
-        gate: String,
-        field: &'static str,
-        pattern: String,
-        source: Box<globset::Error>,
-    },
+    BadPattern { path: PathBuf, gate: String, field: &'static str, pattern: String, source: Box<globset::Error> },
     #[error("{}: gate `{gate}`: {field} must be a finite number{}, got {value}",
         path.display(), if *positive { " above 0" } else { "" })]
     BadNumber { path: PathBuf, gate: String, field: &'static str, value: f64, positive: bool },
@@ -202,8 +196,7 @@ impl ContractError {
 impl Contract {
     /// Reads and validates a contract file (native or provable-contracts with `parity_gates:`).
     pub fn load(path: &Path) -> Result<Contract, ContractError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| ContractError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ContractError::Io { path: path.to_path_buf(), source })?;
         Contract::parse(&bytes, path)
     }
 

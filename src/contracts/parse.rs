@@ -31,9 +31,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_yaml_ng::Value;
 
-use super::{
-    Comparison, Contract, ContractError, Gate, Metric, Pattern, Reduction, Scope, Severity, Threshold,
-};
+use super::{Comparison, Contract, ContractError, Gate, Metric, Pattern, Reduction, Scope, Severity, Threshold};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,12 +182,11 @@ pub(super) fn parse(bytes: &[u8], source: &Path) -> Result<Contract, ContractErr
             path: path.clone(),
             message: "parity_gates has no `id` and the file name gives none".into(),
         })?;
-        let version = block.version.map(|v| v.0).or_else(|| meta_str("version")).ok_or_else(|| {
-            ContractError::Shape {
+        let version =
+            block.version.map(|v| v.0).or_else(|| meta_str("version")).ok_or_else(|| ContractError::Shape {
                 path: path.clone(),
                 message: "parity_gates has no `version` and there is no metadata.version".into(),
-            }
-        })?;
+            })?;
         let description = block.description.or_else(|| meta_str("description"));
         (id, version, description, block.gates)
     } else if top.contains_key("gates") {
@@ -229,8 +226,8 @@ fn gate(raw: RawGate, text: &str, source: &Path) -> Result<Gate, ContractError> 
         name: name.to_string(),
         suggestion,
     };
-    let metric = Metric::parse(&raw.metric)
-        .ok_or_else(|| unknown("metric", &raw.metric, Metric::closest(&raw.metric)))?;
+    let metric =
+        Metric::parse(&raw.metric).ok_or_else(|| unknown("metric", &raw.metric, Metric::closest(&raw.metric)))?;
     let reduction = Reduction::parse(&raw.reduction)
         .ok_or_else(|| unknown("reduction", &raw.reduction, Reduction::closest(&raw.reduction)))?;
     let comparison = Comparison::parse(&raw.comparison)
@@ -274,16 +271,7 @@ fn gate(raw: RawGate, text: &str, source: &Path) -> Result<Gate, ContractError> 
         dtype: pattern("dtype", s.dtype)?,
         mode: pattern("mode", s.mode)?,
     };
-    Ok(Gate {
-        id: raw.id,
-        description: raw.description,
-        metric,
-        reduction,
-        comparison,
-        value,
-        severity,
-        scope,
-    })
+    Ok(Gate { id: raw.id, description: raw.description, metric, reduction, comparison, value, severity, scope })
 }
 
 /// The 1-based line of the first `key: value` in the text, in block (`key: value`) or flow

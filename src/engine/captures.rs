@@ -30,7 +30,10 @@ impl CapturePlan {
 
     /// Resolves a request's capture spec. Returns the plan, the points it will record, the
     /// layers, and the requested points the model cannot provide (with why).
-    pub fn resolve(spec: &CaptureSpec, config: &ModelConfig) -> (CapturePlan, Vec<CapturePoint>, Vec<u32>, BTreeMap<String, String>) {
+    pub fn resolve(
+        spec: &CaptureSpec,
+        config: &ModelConfig,
+    ) -> (CapturePlan, Vec<CapturePoint>, Vec<u32>, BTreeMap<String, String>) {
         let layer_list = spec.layers.resolve(config.n_layers);
         let mut layers = vec![false; config.n_layers];
         for &l in &layer_list {
@@ -95,10 +98,8 @@ impl CaptureSink {
 
     /// Appends rows `rows` of `buf` (`[t, width]`).
     pub fn push_f32(&mut self, point: CapturePoint, layer: usize, buf: &[f32], width: usize, rows: &[usize]) {
-        let entry = self
-            .rows
-            .entry(point.tensor_name(layer as u32))
-            .or_insert_with(|| Rows::F32 { width, data: Vec::new() });
+        let entry =
+            self.rows.entry(point.tensor_name(layer as u32)).or_insert_with(|| Rows::F32 { width, data: Vec::new() });
         if let Rows::F32 { data, .. } = entry {
             for &r in rows {
                 data.extend_from_slice(&buf[r * width..(r + 1) * width]);
@@ -108,10 +109,8 @@ impl CaptureSink {
 
     /// Appends rows `rows` of `buf` (`[t, width]`), integer captures (`moe_topk_ids`).
     pub fn push_i32(&mut self, point: CapturePoint, layer: usize, buf: &[i32], width: usize, rows: &[usize]) {
-        let entry = self
-            .rows
-            .entry(point.tensor_name(layer as u32))
-            .or_insert_with(|| Rows::I32 { width, data: Vec::new() });
+        let entry =
+            self.rows.entry(point.tensor_name(layer as u32)).or_insert_with(|| Rows::I32 { width, data: Vec::new() });
         if let Rows::I32 { data, .. } = entry {
             for &r in rows {
                 data.extend_from_slice(&buf[r * width..(r + 1) * width]);
@@ -143,8 +142,12 @@ mod tests {
 
     #[test]
     fn resolves_points_layers_and_absent_ones() {
-        let c = ModelConfig::new(Path::new("x"), Architecture::Qwen3, 10, 8, 8, 3, 2, 1, None, 1e-6, 1e6, true, None).unwrap();
-        let spec = CaptureSpec { points: vec![CapturePoint::Embed, CapturePoint::LayerOut, CapturePoint::MoeRouter], layers: Layers::List(vec![2]) };
+        let c = ModelConfig::new(Path::new("x"), Architecture::Qwen3, 10, 8, 8, 3, 2, 1, None, 1e-6, 1e6, true, None)
+            .unwrap();
+        let spec = CaptureSpec {
+            points: vec![CapturePoint::Embed, CapturePoint::LayerOut, CapturePoint::MoeRouter],
+            layers: Layers::List(vec![2]),
+        };
         let (plan, points, layers, absent) = CapturePlan::resolve(&spec, &c);
         assert_eq!(points, vec![CapturePoint::Embed, CapturePoint::LayerOut]);
         assert_eq!(layers, vec![2]);

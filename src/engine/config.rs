@@ -178,11 +178,14 @@ impl ModelConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<ModelConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Json { path: path.to_path_buf(), source })?;
         let j = JsonFields { path, v: &v };
 
-        let model_type = j.str("model_type")?.ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "model_type" })?;
+        let model_type =
+            j.str("model_type")?.ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "model_type" })?;
         let architecture = Architecture::parse(&model_type)
             .ok_or_else(|| ConfigError::UnknownArchitecture { path: path.to_path_buf(), found: model_type.clone() })?;
 
@@ -216,7 +219,11 @@ impl ModelConfig {
         if let Some(act) = j.str("hidden_act")?
             && act != "silu"
         {
-            return Err(ConfigError::Unsupported { path: path.to_path_buf(), feature: "hidden_act", detail: format!("`{act}`; only `silu` is implemented") });
+            return Err(ConfigError::Unsupported {
+                path: path.to_path_buf(),
+                feature: "hidden_act",
+                detail: format!("`{act}`; only `silu` is implemented"),
+            });
         }
         refuse_sliding_window(&j)?;
         let (qkv_bias, o_bias) = match architecture {
@@ -255,24 +262,40 @@ impl ModelConfig {
     /// an `output.weight` tensor. Every value the file is silent about is assumed as
     /// llama.cpp assumes it, and recorded in [`ModelConfig::assumed`] under the GGUF key,
     /// as `value (why)`.
-    pub fn from_gguf(path: &Path, cfg: &crate::engine::gguf::GgufConfig, has_output: bool) -> Result<ModelConfig, ConfigError> {
-        let architecture = Architecture::parse(&cfg.architecture)
-            .ok_or_else(|| ConfigError::UnknownArchitecture { path: path.to_path_buf(), found: cfg.architecture.clone() })?;
+    pub fn from_gguf(
+        path: &Path,
+        cfg: &crate::engine::gguf::GgufConfig,
+        has_output: bool,
+    ) -> Result<ModelConfig, ConfigError> {
+        let architecture = Architecture::parse(&cfg.architecture).ok_or_else(|| ConfigError::UnknownArchitecture {
+            path: path.to_path_buf(),
+            found: cfg.architecture.clone(),
+        })?;
         let arch = cfg.architecture.as_str();
         let mut assumed = BTreeMap::new();
         let mut assume = |key: String, value: String, why: &str| {
             assumed.insert(key, format!("{value} ({why})"));
         };
         let size = |v: u64, field: &'static str| -> Result<usize, ConfigError> {
-            usize::try_from(v).map_err(|_| ConfigError::Invalid { path: path.to_path_buf(), field, value: v.to_string(), message: "does not fit in usize".into() })
+            usize::try_from(v).map_err(|_| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field,
+                value: v.to_string(),
+                message: "does not fit in usize".into(),
+            })
         };
-        let vocab_size = cfg.vocab_size().ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "token_embd.weight" })?;
+        let vocab_size =
+            cfg.vocab_size().ok_or(ConfigError::Missing { path: path.to_path_buf(), field: "token_embd.weight" })?;
         let n_heads = size(cfg.head_count, "attention.head_count")?;
         let hidden_size = size(cfg.embedding_length, "embedding_length")?;
         let n_kv_heads = match cfg.head_count_kv {
             Some(n) => size(n, "attention.head_count_kv")?,
             None => {
-                assume(format!("{arch}.attention.head_count_kv"), n_heads.to_string(), "absent: no grouped-query attention, as llama.cpp");
+                assume(
+                    format!("{arch}.attention.head_count_kv"),
+                    n_heads.to_string(),
+                    "absent: no grouped-query attention, as llama.cpp",
+                );
                 n_heads
             }
         };
@@ -280,7 +303,11 @@ impl ModelConfig {
             Some(d) => size(d, "attention.key_length")?,
             None => {
                 let d = hidden_size.checked_div(n_heads).unwrap_or(0);
-                assume(format!("{arch}.attention.key_length"), d.to_string(), "absent: embedding_length / head_count, as llama.cpp");
+                assume(
+                    format!("{arch}.attention.key_length"),
+                    d.to_string(),
+                    "absent: embedding_length / head_count, as llama.cpp",
+                );
                 d
             }
         };
@@ -293,7 +320,11 @@ impl ModelConfig {
             1e-6
         });
         if !has_output {
-            assume("tie_word_embeddings".into(), "true".into(), "output.weight absent: the lm_head reuses token_embd.weight, as llama.cpp does");
+            assume(
+                "tie_word_embeddings".into(),
+                "true".into(),
+                "output.weight absent: the lm_head reuses token_embd.weight, as llama.cpp does",
+            );
         }
         let moe = match architecture {
             Architecture::Qwen3Moe => {
@@ -301,11 +332,23 @@ impl ModelConfig {
                     size(v.ok_or(ConfigError::Missing { path: path.to_path_buf(), field })?, field)
                 };
                 let norm_topk_prob = cfg.expert_weights_norm.unwrap_or_else(|| {
-                    assume(format!("{arch}.expert_weights_norm"), "true".into(), "absent: llama.cpp's qwen3moe graph always renormalises the top-k router weights");
+                    assume(
+                        format!("{arch}.expert_weights_norm"),
+                        "true".into(),
+                        "absent: llama.cpp's qwen3moe graph always renormalises the top-k router weights",
+                    );
                     true
                 });
-                assume("decoder_sparse_step".into(), "1".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
-                assume("mlp_only_layers".into(), "[]".into(), "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph");
+                assume(
+                    "decoder_sparse_step".into(),
+                    "1".into(),
+                    "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph",
+                );
+                assume(
+                    "mlp_only_layers".into(),
+                    "[]".into(),
+                    "GGUF does not record it: every layer is sparse, as llama.cpp's qwen3moe graph",
+                );
                 Some(MoeConfig {
                     n_experts: need(cfg.expert_count, "expert_count")?,
                     n_experts_per_tok: need(cfg.expert_used_count, "expert_used_count")?,
@@ -322,10 +365,16 @@ impl ModelConfig {
         let intermediate_size = match (cfg.feed_forward_length, &moe) {
             (Some(n), _) => size(n, "feed_forward_length")?,
             (None, Some(m)) => {
-                assume(format!("{arch}.feed_forward_length"), m.expert_intermediate_size.to_string(), "absent: unused, every layer is sparse");
+                assume(
+                    format!("{arch}.feed_forward_length"),
+                    m.expert_intermediate_size.to_string(),
+                    "absent: unused, every layer is sparse",
+                );
                 m.expert_intermediate_size
             }
-            (None, None) => return Err(ConfigError::Missing { path: path.to_path_buf(), field: "feed_forward_length" }),
+            (None, None) => {
+                return Err(ConfigError::Missing { path: path.to_path_buf(), field: "feed_forward_length" });
+            }
         };
         let mut c = ModelConfig::new(
             path,
@@ -349,7 +398,9 @@ impl ModelConfig {
     /// Whether decoder layer `i` routes through experts (HF's rule for Qwen3-MoE).
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         match &self.moe {
-            Some(m) => m.n_experts > 0 && !m.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(m.decoder_sparse_step),
+            Some(m) => {
+                m.n_experts > 0 && !m.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(m.decoder_sparse_step)
+            }
             None => false,
         }
     }
@@ -386,7 +437,11 @@ impl ModelConfig {
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return Err(bad("num_key_value_heads", self.n_kv_heads.to_string(), &format!("must divide num_attention_heads = {}", self.n_heads)));
+            return Err(bad(
+                "num_key_value_heads",
+                self.n_kv_heads.to_string(),
+                &format!("must divide num_attention_heads = {}", self.n_heads),
+            ));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", self.head_dim.to_string(), "must be even (RoPE rotates pairs)"));
@@ -402,7 +457,11 @@ impl ModelConfig {
                 return Err(bad("num_experts", "0".into(), "must be positive"));
             }
             if m.n_experts_per_tok == 0 || m.n_experts_per_tok > m.n_experts {
-                return Err(bad("num_experts_per_tok", m.n_experts_per_tok.to_string(), &format!("must be in 1..={} (num_experts)", m.n_experts)));
+                return Err(bad(
+                    "num_experts_per_tok",
+                    m.n_experts_per_tok.to_string(),
+                    &format!("must be in 1..={} (num_experts)", m.n_experts),
+                ));
             }
             if m.expert_intermediate_size == 0 {
                 return Err(bad("moe_intermediate_size", "0".into(), "must be positive"));
@@ -411,7 +470,11 @@ impl ModelConfig {
                 return Err(bad("decoder_sparse_step", "0".into(), "must be positive"));
             }
             if let Some(&l) = m.mlp_only_layers.iter().find(|&&l| l >= self.n_layers) {
-                return Err(bad("mlp_only_layers", l.to_string(), &format!("is not a layer index below num_hidden_layers = {}", self.n_layers)));
+                return Err(bad(
+                    "mlp_only_layers",
+                    l.to_string(),
+                    &format!("is not a layer index below num_hidden_layers = {}", self.n_layers),
+                ));
             }
         }
         Ok(())
@@ -426,7 +489,11 @@ fn rope_theta(j: &JsonFields) -> Result<f64, ConfigError> {
         if let Some(t) = sub.str("rope_type")?
             && t != "default"
         {
-            return Err(ConfigError::Unsupported { path: j.path.to_path_buf(), feature: "RoPE scaling", detail: format!("rope_parameters.rope_type = `{t}`; only `default`") });
+            return Err(ConfigError::Unsupported {
+                path: j.path.to_path_buf(),
+                feature: "RoPE scaling",
+                detail: format!("rope_parameters.rope_type = `{t}`; only `default`"),
+            });
         }
         if let Some(theta) = sub.f64("rope_theta")? {
             return Ok(theta);
@@ -435,7 +502,11 @@ fn rope_theta(j: &JsonFields) -> Result<f64, ConfigError> {
     if let Some(scaling) = j.v.get("rope_scaling").filter(|s| !s.is_null()) {
         let t = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("?");
         if t != "default" {
-            return Err(ConfigError::Unsupported { path: j.path.to_path_buf(), feature: "RoPE scaling", detail: format!("rope_scaling type `{t}`; only `default`") });
+            return Err(ConfigError::Unsupported {
+                path: j.path.to_path_buf(),
+                feature: "RoPE scaling",
+                detail: format!("rope_scaling type `{t}`; only `default`"),
+            });
         }
     }
     j.f64("rope_theta")?.ok_or(ConfigError::Missing { path: j.path.to_path_buf(), field: "rope_theta" })
@@ -443,12 +514,11 @@ fn rope_theta(j: &JsonFields) -> Result<f64, ConfigError> {
 
 fn refuse_sliding_window(j: &JsonFields) -> Result<(), ConfigError> {
     let on = j.bool("use_sliding_window")?.unwrap_or(false);
-    let sliding_layers = j
-        .v
-        .get("layer_types")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter(|t| t.as_str() == Some("sliding_attention")).count())
-        .unwrap_or(0);
+    let sliding_layers =
+        j.v.get("layer_types")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter(|t| t.as_str() == Some("sliding_attention")).count())
+            .unwrap_or(0);
     if on || sliding_layers > 0 {
         return Err(ConfigError::Unsupported {
             path: j.path.to_path_buf(),
@@ -463,17 +533,29 @@ fn moe_config(j: &JsonFields) -> Result<MoeConfig, ConfigError> {
     // transformers 5.x writes `num_local_experts`; older files `num_experts`.
     let n_experts = match j.usize("num_experts")? {
         Some(n) => n,
-        None => j.usize("num_local_experts")?.ok_or(ConfigError::Missing { path: j.path.to_path_buf(), field: "num_experts" })?,
+        None => j
+            .usize("num_local_experts")?
+            .ok_or(ConfigError::Missing { path: j.path.to_path_buf(), field: "num_experts" })?,
     };
     let mlp_only_layers = match j.v.get("mlp_only_layers") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| x.as_u64().map(|n| n as usize))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ConfigError::Invalid { path: j.path.to_path_buf(), field: "mlp_only_layers", value: Value::Array(a.clone()).to_string(), message: "must be a list of layer indices".into() })?,
+        Some(Value::Array(a)) => {
+            a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                ConfigError::Invalid {
+                    path: j.path.to_path_buf(),
+                    field: "mlp_only_layers",
+                    value: Value::Array(a.clone()).to_string(),
+                    message: "must be a list of layer indices".into(),
+                }
+            })?
+        }
         Some(other) => {
-            return Err(ConfigError::Invalid { path: j.path.to_path_buf(), field: "mlp_only_layers", value: other.to_string(), message: "must be a list of layer indices".into() });
+            return Err(ConfigError::Invalid {
+                path: j.path.to_path_buf(),
+                field: "mlp_only_layers",
+                value: other.to_string(),
+                message: "must be a list of layer indices".into(),
+            });
         }
     };
     Ok(MoeConfig {
@@ -497,11 +579,18 @@ impl JsonFields<'_> {
         self.v.get(field).filter(|x| !x.is_null())
     }
     fn invalid(&self, field: &'static str, value: &Value, message: &str) -> ConfigError {
-        ConfigError::Invalid { path: self.path.to_path_buf(), field, value: value.to_string(), message: message.to_string() }
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            field,
+            value: value.to_string(),
+            message: message.to_string(),
+        }
     }
     fn usize(&self, field: &'static str) -> Result<Option<usize>, ConfigError> {
         self.get(field)
-            .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| self.invalid(field, x, "must be a non-negative integer")))
+            .map(|x| {
+                x.as_u64().map(|n| n as usize).ok_or_else(|| self.invalid(field, x, "must be a non-negative integer"))
+            })
             .transpose()
     }
     fn req_usize(&self, field: &'static str) -> Result<usize, ConfigError> {
@@ -514,7 +603,9 @@ impl JsonFields<'_> {
         self.get(field).map(|x| x.as_bool().ok_or_else(|| self.invalid(field, x, "must be true or false"))).transpose()
     }
     fn str(&self, field: &'static str) -> Result<Option<String>, ConfigError> {
-        self.get(field).map(|x| x.as_str().map(str::to_string).ok_or_else(|| self.invalid(field, x, "must be a string"))).transpose()
+        self.get(field)
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| self.invalid(field, x, "must be a string")))
+            .transpose()
     }
 }
 
@@ -572,17 +663,36 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_compute() {
         let d = tempfile::tempdir().unwrap();
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"qwen3\"", "\"llama\""))).unwrap_err().to_string();
-        assert!(e.contains("unknown architecture `llama`") && e.contains("qwen3_moe") && e.contains("config.json"), "{e}");
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"default\"", "\"yarn\""))).unwrap_err().to_string();
+        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"qwen3\"", "\"llama\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown architecture `llama`") && e.contains("qwen3_moe") && e.contains("config.json"),
+            "{e}"
+        );
+        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"default\"", "\"yarn\"")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RoPE scaling") && e.contains("yarn"), "{e}");
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"))).unwrap_err().to_string();
+        let e = ModelConfig::from_hf_json(&write(
+            d.path(),
+            &QWEN3.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"),
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("num_key_value_heads") && e.contains("divide"), "{e}");
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"vocab_size\":100,", ""))).unwrap_err().to_string();
+        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"vocab_size\":100,", "")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing field `vocab_size`"), "{e}");
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"hidden_size\":64", "\"hidden_size\":\"64\""))).unwrap_err().to_string();
+        let e =
+            ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"hidden_size\":64", "\"hidden_size\":\"64\"")))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("hidden_size") && e.contains("integer"), "{e}");
-        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"silu\"", "\"gelu\""))).unwrap_err().to_string();
+        let e = ModelConfig::from_hf_json(&write(d.path(), &QWEN3.replace("\"silu\"", "\"gelu\"")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gelu"), "{e}");
     }
 
@@ -591,8 +701,17 @@ mod tests {
         let p = Path::new("m.gguf");
         let c = ModelConfig::new(p, Architecture::Qwen3, 10, 64, 96, 2, 4, 2, None, 1e-6, 1e6, false, None).unwrap();
         assert_eq!(c.head_dim, 16);
-        let moe = MoeConfig { n_experts: 4, n_experts_per_tok: 5, expert_intermediate_size: 8, decoder_sparse_step: 1, mlp_only_layers: vec![], norm_topk_prob: true };
-        let e = ModelConfig::new(p, Architecture::Qwen3Moe, 10, 64, 96, 2, 4, 2, None, 1e-6, 1e6, false, Some(moe)).unwrap_err().to_string();
+        let moe = MoeConfig {
+            n_experts: 4,
+            n_experts_per_tok: 5,
+            expert_intermediate_size: 8,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+            norm_topk_prob: true,
+        };
+        let e = ModelConfig::new(p, Architecture::Qwen3Moe, 10, 64, 96, 2, 4, 2, None, 1e-6, 1e6, false, Some(moe))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.gguf") && e.contains("num_experts_per_tok"), "{e}");
     }
 
@@ -627,26 +746,41 @@ mod tests {
         let p = Path::new("m.gguf");
         // Everything stated, output.weight present: nothing assumed.
         let c = ModelConfig::from_gguf(p, &gguf_meta("qwen3"), true).unwrap();
-        assert_eq!((c.architecture, c.head_dim, c.n_kv_heads, c.tie_word_embeddings), (Architecture::Qwen3, 32, 2, false));
+        assert_eq!(
+            (c.architecture, c.head_dim, c.n_kv_heads, c.tie_word_embeddings),
+            (Architecture::Qwen3, 32, 2, false)
+        );
         assert!(c.assumed.is_empty(), "{:?}", c.assumed);
 
         // Silent file: head_dim from hidden/heads, kv heads = heads, defaults, tied lm_head.
         let mut m = gguf_meta("qwen2");
         (m.key_length, m.head_count_kv, m.rope_freq_base, m.layer_norm_rms_epsilon) = (None, None, None, None);
         let c = ModelConfig::from_gguf(p, &m, false).unwrap();
-        assert_eq!((c.head_dim, c.n_kv_heads, c.rope_theta, c.tie_word_embeddings, c.qkv_bias), (16, 4, 10_000.0, true, true));
-        for k in ["qwen2.attention.key_length", "qwen2.attention.head_count_kv", "qwen2.rope.freq_base", "qwen2.attention.layer_norm_rms_epsilon", "tie_word_embeddings"] {
+        assert_eq!(
+            (c.head_dim, c.n_kv_heads, c.rope_theta, c.tie_word_embeddings, c.qkv_bias),
+            (16, 4, 10_000.0, true, true)
+        );
+        for k in [
+            "qwen2.attention.key_length",
+            "qwen2.attention.head_count_kv",
+            "qwen2.rope.freq_base",
+            "qwen2.attention.layer_norm_rms_epsilon",
+            "tie_word_embeddings",
+        ] {
             assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
         }
         assert!(c.assumed["qwen2.attention.key_length"].starts_with("16 ("), "{:?}", c.assumed);
 
         // qwen3moe: renormalised top-k and every layer sparse, both recorded.
         let mut m = gguf_meta("qwen3moe");
-        (m.expert_count, m.expert_used_count, m.expert_feed_forward_length, m.feed_forward_length) = (Some(4), Some(2), Some(8), None);
+        (m.expert_count, m.expert_used_count, m.expert_feed_forward_length, m.feed_forward_length) =
+            (Some(4), Some(2), Some(8), None);
         let c = ModelConfig::from_gguf(p, &m, true).unwrap();
         let moe = c.moe.as_ref().unwrap();
         assert!(moe.norm_topk_prob && (0..2).all(|i| c.is_sparse_layer(i)));
-        for k in ["qwen3moe.expert_weights_norm", "decoder_sparse_step", "mlp_only_layers", "qwen3moe.feed_forward_length"] {
+        for k in
+            ["qwen3moe.expert_weights_norm", "decoder_sparse_step", "mlp_only_layers", "qwen3moe.feed_forward_length"]
+        {
             assert!(c.assumed.contains_key(k), "{k} not in {:?}", c.assumed);
         }
         m.expert_weights_norm = Some(false);

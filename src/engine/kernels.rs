@@ -165,7 +165,13 @@ unsafe impl Sync for SharedOut {}
 /// per call whatever `t` is. Every element equals [`dot`] of its row pair: the result does
 /// not depend on `t`, the blocking or the thread count.
 pub fn matmul_t(out: &mut [f32], x: &[f32], w: &[f32], t: usize, k: usize, n: usize) {
-    assert!(x.len() == t * k && w.len() == n * k && out.len() == t * n, "matmul_t: x {} w {} out {} for t={t} k={k} n={n}", x.len(), w.len(), out.len());
+    assert!(
+        x.len() == t * k && w.len() == n * k && out.len() == t * n,
+        "matmul_t: x {} w {} out {} for t={t} k={k} n={n}",
+        x.len(),
+        w.len(),
+        out.len()
+    );
     let shared = SharedOut(out.as_mut_ptr());
     let fma = has_fma();
     (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|blk| {
@@ -293,9 +299,7 @@ pub fn rmsnorm_heads_in_place(x: &mut [f32], weight: &[f32], eps: f64) {
 /// RoPE frequencies as HF computes them: `inv_freq[i] = 1 / theta^(2i / head_dim)` in f32.
 pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
     let base = theta as f32;
-    (0..head_dim / 2)
-        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
-        .collect()
+    (0..head_dim / 2).map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 /// The cos and sin of one position: `[head_dim / 2]` each (HF repeats them over both
@@ -394,7 +398,8 @@ pub fn attention(out: &mut [f32], q: &[f32], k_cache: &[f32], v_cache: &[f32], s
         let n_keys = s.pos0 + t + 1;
         let qh = &q[i * hd..(i + 1) * hd];
         scores.clear();
-        scores.extend((0..n_keys).map(|j| dot(qh, &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale));
+        scores
+            .extend((0..n_keys).map(|j| dot(qh, &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale));
         softmax_in_place(scores);
         o.fill(0.0);
         for (j, &p) in scores.iter().enumerate() {

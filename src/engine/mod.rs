@@ -48,7 +48,9 @@ pub enum EngineError {
     CacheFull(#[from] kv_cache::CacheFull),
     #[error("{}: model format `{format}` is not supported by this build (it reads: {})", path.display(), run::FORMATS.join(", "))]
     UnsupportedFormat { path: PathBuf, format: String },
-    #[error("compute dtype `{dtype}` is not implemented by the {backend} backend (it computes in f32; ask for `auto` or `f32`)")]
+    #[error(
+        "compute dtype `{dtype}` is not implemented by the {backend} backend (it computes in f32; ask for `auto` or `f32`)"
+    )]
     UnsupportedDtype { dtype: String, backend: String },
     #[error("token id {id} is not below the vocabulary size V = {vocab}")]
     TokenOutOfVocab { id: u32, vocab: usize },

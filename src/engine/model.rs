@@ -12,12 +12,12 @@
 
 use crate::protocol::CapturePoint;
 
+use super::EngineError;
 use super::captures::{CapturePlan, CaptureSink};
 use super::config::{Architecture, ModelConfig};
 use super::kernels::{self, AttnShape};
 use super::kv_cache::KvCache;
 use super::weights::{WeightError, WeightSource};
-use super::EngineError;
 
 /// What a tensor is for, independent of how a file format names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +266,15 @@ impl Loader<'_> {
         self.by_name(name, shape, what)
     }
 
-    fn linear(&mut self, role: Role, bias: Option<Role>, layer: usize, out: usize, inp: usize, what: &str) -> Result<Linear, WeightError> {
+    fn linear(
+        &mut self,
+        role: Role,
+        bias: Option<Role>,
+        layer: usize,
+        out: usize,
+        inp: usize,
+        what: &str,
+    ) -> Result<Linear, WeightError> {
         let weight = self.tensor(role, layer, &[out, inp], what)?;
         let bias = match bias {
             Some(b) => Some(self.tensor(b, layer, &[out], what)?),
@@ -276,7 +284,15 @@ impl Loader<'_> {
     }
 
     /// Experts of one layer as `[E, out, inp]`, stacked in the file or gathered one by one.
-    fn experts(&mut self, role: Role, layer: usize, e: usize, out: usize, inp: usize, what: &str) -> Result<Vec<f32>, WeightError> {
+    fn experts(
+        &mut self,
+        role: Role,
+        layer: usize,
+        e: usize,
+        out: usize,
+        inp: usize,
+        what: &str,
+    ) -> Result<Vec<f32>, WeightError> {
         if self.names.stacks_experts() {
             return self.tensor(role, layer, &[e, out, inp], what);
         }
@@ -292,10 +308,8 @@ impl Loader<'_> {
 impl Model {
     /// Loads every tensor the config calls for from `w`, checking each shape.
     pub fn load(config: ModelConfig, w: &dyn WeightSource) -> Result<Model, EngineError> {
-        let names = NameTable::for_format(w.format()).ok_or_else(|| EngineError::UnsupportedFormat {
-            path: w.path(),
-            format: w.format().to_string(),
-        })?;
+        let names = NameTable::for_format(w.format())
+            .ok_or_else(|| EngineError::UnsupportedFormat { path: w.path(), format: w.format().to_string() })?;
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let mut ld = Loader { w, names, arch: c.architecture, used: Default::default() };
@@ -375,7 +389,13 @@ impl Model {
     /// and values to `cache`, records the captures `io.plan` asks for at rows
     /// `io.capture_rows`, and writes the logits of rows `io.logit_rows` to `io.logits`
     /// (`[logit_rows.len(), V]`). Row lists are indices into `tokens`, ascending.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, io: &mut ForwardIo<'_>, s: &mut Scratch) -> Result<(), EngineError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        io: &mut ForwardIo<'_>,
+        s: &mut Scratch,
+    ) -> Result<(), EngineError> {
         let c = &self.config;
         let (t, h, hd) = (tokens.len(), c.hidden_size, c.head_dim);
         let pos0 = cache.len();
@@ -394,7 +414,12 @@ impl Model {
         // RoPE cos/sin of this call's positions. [t, head_dim / 2] each
         let half = hd / 2;
         for ti in 0..t {
-            kernels::rope_cos_sin(pos0 + ti, &self.inv_freq, &mut s.cos[ti * half..(ti + 1) * half], &mut s.sin[ti * half..(ti + 1) * half]);
+            kernels::rope_cos_sin(
+                pos0 + ti,
+                &self.inv_freq,
+                &mut s.cos[ti * half..(ti + 1) * half],
+                &mut s.sin[ti * half..(ti + 1) * half],
+            );
         }
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -450,7 +475,8 @@ impl Model {
         cache.advance(t)?;
 
         // 10. Final RMSNorm of the rows that need it (logits or the capture).
-        let rows = merged_rows(io.logit_rows, if io.plan.wants(CapturePoint::FinalNorm, 0) { io.capture_rows } else { &[] });
+        let rows =
+            merged_rows(io.logit_rows, if io.plan.wants(CapturePoint::FinalNorm, 0) { io.capture_rows } else { &[] });
         let mut fin = vec![0.0f32; rows.len() * h]; // [rows, H]
         for (fr, &r) in fin.chunks_mut(h).zip(&rows) {
             kernels::rmsnorm(fr, &s.x[r * h..(r + 1) * h], &self.norm, c.rms_norm_eps);
@@ -670,8 +696,30 @@ mod tests {
     }
 
     fn moe_config() -> ModelConfig {
-        let moe = MoeConfig { n_experts: 4, n_experts_per_tok: 2, expert_intermediate_size: 8, decoder_sparse_step: 1, mlp_only_layers: vec![0], norm_topk_prob: true };
-        ModelConfig::new(Path::new("mem"), Architecture::Qwen3Moe, 50, 16, 24, 2, 4, 2, Some(8), 1e-6, 1e6, false, Some(moe)).unwrap()
+        let moe = MoeConfig {
+            n_experts: 4,
+            n_experts_per_tok: 2,
+            expert_intermediate_size: 8,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![0],
+            norm_topk_prob: true,
+        };
+        ModelConfig::new(
+            Path::new("mem"),
+            Architecture::Qwen3Moe,
+            50,
+            16,
+            24,
+            2,
+            4,
+            2,
+            Some(8),
+            1e-6,
+            1e6,
+            false,
+            Some(moe),
+        )
+        .unwrap()
     }
 
     /// The same random weights under HF names (experts one by one) and GGUF names
@@ -711,11 +759,16 @@ mod tests {
                 let m = c.moe.as_ref().unwrap();
                 let (e, im) = (m.n_experts, m.expert_intermediate_size);
                 put!(Role::FfnRouter, i, vec![e, h], rnd(e * h));
-                for (role, out, inp) in [(Role::FfnGateExps, im, h), (Role::FfnUpExps, im, h), (Role::FfnDownExps, h, im)] {
+                for (role, out, inp) in
+                    [(Role::FfnGateExps, im, h), (Role::FfnUpExps, im, h), (Role::FfnDownExps, h, im)]
+                {
                     let all = rnd(e * out * inp);
                     gg.insert(NameTable::Gguf.name(role, i), (vec![e, out, inp], all.clone()));
                     for x in 0..e {
-                        hf.insert(NameTable::Hf.expert(role, i, x), (vec![out, inp], all[x * out * inp..(x + 1) * out * inp].to_vec()));
+                        hf.insert(
+                            NameTable::Hf.expert(role, i, x),
+                            (vec![out, inp], all[x * out * inp..(x + 1) * out * inp].to_vec()),
+                        );
                     }
                 }
             } else {

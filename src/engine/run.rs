@@ -26,20 +26,20 @@ use std::time::Instant;
 
 use crate::protocol::{
     CaptureRecord, ComputeDtype, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, PromptShard, Request,
-    Tensor, Timings, TokenizerInfo, SCHEMA_VERSION,
+    SCHEMA_VERSION, Tensor, Timings, TokenizerInfo,
 };
 
 use super::backend::{self, Backend, Device};
-use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::captures::{CapturePlan, CaptureSink};
 use super::config::ModelConfig;
+use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::kernels;
 use super::kv_cache::KvCache;
 use super::model::{ForwardIo, Model, Scratch};
 use super::safetensors::SafetensorsWeights;
 use super::tokenizer::Tokenizer;
 use super::weights::WeightSource;
-use super::{EngineError, ENGINE_NAME};
+use super::{ENGINE_NAME, EngineError};
 
 /// Model file formats this build reads.
 pub const FORMATS: &[&str] = &["safetensors", "gguf"];
@@ -67,7 +67,10 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
     let threads = threads_option(&req)?;
     let backend = backend::open(device, threads)?;
     if !matches!(req.dtype, ComputeDtype::Auto | ComputeDtype::F32) {
-        return Err(EngineError::UnsupportedDtype { dtype: req.dtype.as_str().to_string(), backend: backend.name().to_string() });
+        return Err(EngineError::UnsupportedDtype {
+            dtype: req.dtype.as_str().to_string(),
+            backend: backend.name().to_string(),
+        });
     }
 
     let t_load = Instant::now();
@@ -110,7 +113,10 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             vocab_size: Some(model.config.vocab_size as u32),
             assumed: model.config.assumed.clone(),
         },
-        tokenizer: TokenizerInfo { sha256: tokenizer.map(|t| t.sha256().to_string()), add_bos: tokenizer.is_some_and(PromptTokenizer::add_bos) },
+        tokenizer: TokenizerInfo {
+            sha256: tokenizer.map(|t| t.sha256().to_string()),
+            add_bos: tokenizer.is_some_and(PromptTokenizer::add_bos),
+        },
         mode: req.mode,
         request_sha256: crate::protocol::sha256_hex(&request_bytes),
         prompt_ids: req.prompts.iter().map(|p| p.id.clone()).collect(),
@@ -144,7 +150,11 @@ fn threads_option(req: &Request) -> Result<Option<usize>, EngineError> {
         None => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n > 0 => Ok(Some(n as usize)),
-            _ => Err(EngineError::BadOption { option: "threads".into(), value: v.to_string(), message: "must be a positive integer".into() }),
+            _ => Err(EngineError::BadOption {
+                option: "threads".into(),
+                value: v.to_string(),
+                message: "must be a positive integer".into(),
+            }),
         },
     }
 }
@@ -224,7 +234,8 @@ pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
     match format.as_str() {
         "safetensors" => {
             let weights = SafetensorsWeights::open(path)?;
-            let dir = if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
+            let dir =
+                if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
             let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
             let quant = storage_summary(&weights);
             let model = Model::load(config, &weights)?;
@@ -232,7 +243,15 @@ pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
                 Some(p) => Some(PromptTokenizer::Json(Tokenizer::open(&p)?)),
                 None => None,
             };
-            Ok(LoadedModel { model, format: "safetensors", quant, sha256: None, tokenizer, tokenizer_missing: None, extra: Default::default() })
+            Ok(LoadedModel {
+                model,
+                format: "safetensors",
+                quant,
+                sha256: None,
+                tokenizer,
+                tokenizer_missing: None,
+                extra: Default::default(),
+            })
         }
         "gguf" => load_gguf(m),
         _ => Err(EngineError::UnsupportedFormat { path: path.clone(), format }),
@@ -256,7 +275,10 @@ fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
                 Some(json) => crate::protocol::sha256_file(json)
                     .map_err(|source| crate::protocol::ProtocolError::Io { path: json.clone(), source })?,
                 None => crate::protocol::sha256_hex(
-                    t.tokenizer.to_string(false).map_err(|e| gguf::TokenizerError::Build { path: path.clone(), message: e.to_string() })?.as_bytes(),
+                    t.tokenizer
+                        .to_string(false)
+                        .map_err(|e| gguf::TokenizerError::Build { path: path.clone(), message: e.to_string() })?
+                        .as_bytes(),
                 ),
             };
             (Some(PromptTokenizer::Gguf { tokenizer: t, sha256 }), None)
@@ -327,7 +349,8 @@ fn gguf_quant(file: &gguf::GgufFile, meta: &GgufConfig) -> String {
 
 /// The storage types of a file's tensors, lower-case: `f32`, or `bf16+f32` when mixed.
 fn storage_summary(w: &dyn WeightSource) -> String {
-    let types: std::collections::BTreeSet<String> = w.names().iter().filter_map(|n| w.storage_type(n)).map(|t| t.to_lowercase()).collect();
+    let types: std::collections::BTreeSet<String> =
+        w.names().iter().filter_map(|n| w.storage_type(n)).map(|t| t.to_lowercase()).collect();
     types.into_iter().collect::<Vec<_>>().join("+")
 }
 
@@ -348,8 +371,17 @@ fn run_prompts(
     for (index, p) in req.prompts.iter().enumerate() {
         let tokens: Vec<u32> = p.token_ids.iter().map(|&t| t as u32).collect();
         let positions: Vec<usize> = req.positions_of(index).iter().map(|&x| x as usize).collect();
-        let job = PromptJob { tokens: &tokens, positions: &positions, decode_steps: req.decode_steps as usize, mode: req.mode };
-        let mut timings = Timings { prefill_tokens: tokens.len() as u32, decode_tokens: req.decode_steps.saturating_sub(1), ..Default::default() };
+        let job = PromptJob {
+            tokens: &tokens,
+            positions: &positions,
+            decode_steps: req.decode_steps as usize,
+            mode: req.mode,
+        };
+        let mut timings = Timings {
+            prefill_tokens: tokens.len() as u32,
+            decode_tokens: req.decode_steps.saturating_sub(1),
+            ..Default::default()
+        };
         let mut kept: Option<RunOutput> = None;
         let mut state = PromptState::new(model, &job);
         for run in 0..req.warmup + req.repeats {
@@ -413,7 +445,12 @@ impl PromptState {
         let c = &model.config;
         // The last generated token is never fed back, so the cache needs T + N - 1 slots.
         let capacity = job.tokens.len() + job.decode_steps.saturating_sub(1);
-        PromptState { cache: KvCache::new(c.n_layers, capacity, c.kv_dim()), scratch: Scratch::default(), sink: CaptureSink::new(), call_logits: Vec::new() }
+        PromptState {
+            cache: KvCache::new(c.n_layers, capacity, c.kv_dim()),
+            scratch: Scratch::default(),
+            sink: CaptureSink::new(),
+            call_logits: Vec::new(),
+        }
     }
 }
 
@@ -428,7 +465,13 @@ struct RunOutput {
     ttft_ms: Option<f64>,
 }
 
-fn run_once(model: &Model, backend: &dyn Backend, plan: &CapturePlan, job: &PromptJob, st: &mut PromptState) -> Result<RunOutput, EngineError> {
+fn run_once(
+    model: &Model,
+    backend: &dyn Backend,
+    plan: &CapturePlan,
+    job: &PromptJob,
+    st: &mut PromptState,
+) -> Result<RunOutput, EngineError> {
     let v = model.config.vocab_size;
     let t = job.tokens.len();
     st.cache.clear();
@@ -444,7 +487,13 @@ fn run_once(model: &Model, backend: &dyn Backend, plan: &CapturePlan, job: &Prom
             if job.decode_steps > 0 && logit_rows.last() != Some(&(t - 1)) {
                 logit_rows.push(t - 1);
             }
-            let mut io = ForwardIo { plan, capture_rows: job.positions, sink: &mut st.sink, logit_rows: &logit_rows, logits: &mut st.call_logits };
+            let mut io = ForwardIo {
+                plan,
+                capture_rows: job.positions,
+                sink: &mut st.sink,
+                logit_rows: &logit_rows,
+                logits: &mut st.call_logits,
+            };
             backend.forward(model, job.tokens, &mut st.cache, &mut io, &mut st.scratch)?;
             logits.extend_from_slice(&st.call_logits[..job.positions.len() * v]);
             if job.decode_steps > 0 {
@@ -459,7 +508,8 @@ fn run_once(model: &Model, backend: &dyn Backend, plan: &CapturePlan, job: &Prom
                 let need_logits = is_scored || (p == t - 1 && job.decode_steps > 0);
                 let rows: &[usize] = if is_scored { &[0] } else { &[] };
                 let logit_rows: &[usize] = if need_logits { &[0] } else { &[] };
-                let mut io = ForwardIo { plan, capture_rows: rows, sink: &mut st.sink, logit_rows, logits: &mut st.call_logits };
+                let mut io =
+                    ForwardIo { plan, capture_rows: rows, sink: &mut st.sink, logit_rows, logits: &mut st.call_logits };
                 backend.forward(model, &[tok], &mut st.cache, &mut io, &mut st.scratch)?;
                 if is_scored {
                     logits.extend_from_slice(&st.call_logits[..v]);
@@ -483,7 +533,13 @@ fn run_once(model: &Model, backend: &dyn Backend, plan: &CapturePlan, job: &Prom
         let none = CapturePlan::none();
         for _ in 1..job.decode_steps {
             let tok = *generated.last().expect("one token was pushed above");
-            let mut io = ForwardIo { plan: &none, capture_rows: &[], sink: &mut st.sink, logit_rows: &[0], logits: &mut st.call_logits };
+            let mut io = ForwardIo {
+                plan: &none,
+                capture_rows: &[],
+                sink: &mut st.sink,
+                logit_rows: &[0],
+                logits: &mut st.call_logits,
+            };
             backend.forward(model, &[tok], &mut st.cache, &mut io, &mut st.scratch)?;
             generated.push(kernels::argmax(&st.call_logits[..v]) as u32);
         }

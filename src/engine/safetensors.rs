@@ -98,7 +98,10 @@ impl SafetensorsWeights {
                 });
             }
             let (a, b) = info.data_offsets;
-            self.tensors.insert(name, Entry { shard: index, dtype: info.dtype, shape: info.shape.clone(), start: base + a, end: base + b });
+            self.tensors.insert(
+                name,
+                Entry { shard: index, dtype: info.dtype, shape: info.shape.clone(), start: base + a, end: base + b },
+            );
         }
         self.shards.push(Shard { path, mmap });
         Ok(())
@@ -131,7 +134,8 @@ fn release_pages(shard: &Shard, offset: usize, len: usize) {
 
 /// The distinct shard files named by an index's `weight_map`, in first-seen order.
 fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightError> {
-    let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io { path: index.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(index).map_err(|source| WeightError::Io { path: index.to_path_buf(), source })?;
     let bad = |message: String| WeightError::Format { path: index.to_path_buf(), format: FORMAT, message };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
@@ -176,8 +180,12 @@ impl WeightSource for SafetensorsWeights {
         let bytes = &shard.mmap[e.start..e.end];
         let data = match e.dtype {
             safetensors::Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
-            safetensors::Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes).iter().map(|x| x.to_f32()).collect(),
-            safetensors::Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
+            safetensors::Dtype::F16 => {
+                bytemuck::pod_collect_to_vec::<u8, f16>(bytes).iter().map(|x| x.to_f32()).collect()
+            }
+            safetensors::Dtype::BF16 => {
+                bytemuck::pod_collect_to_vec::<u8, bf16>(bytes).iter().map(|x| x.to_f32()).collect()
+            }
             other => {
                 return Err(WeightError::UnsupportedType {
                     path: shard.path.clone(),
@@ -201,10 +209,8 @@ mod tests {
     use safetensors::tensor::TensorView;
 
     fn write(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
-        let views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
-            .collect();
+        let views: Vec<(String, TensorView)> =
+            tensors.iter().map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
 
@@ -217,11 +223,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let h: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
         let b: Vec<u8> = [0.25f32, 3.0].iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
-        write(&d.path().join(SINGLE_FILE), &[
-            ("a", safetensors::Dtype::F32, vec![2], f32_bytes(&[1.0, 2.0])),
-            ("h", safetensors::Dtype::F16, vec![2, 1], h),
-            ("b", safetensors::Dtype::BF16, vec![1, 2], b),
-        ]);
+        write(
+            &d.path().join(SINGLE_FILE),
+            &[
+                ("a", safetensors::Dtype::F32, vec![2], f32_bytes(&[1.0, 2.0])),
+                ("h", safetensors::Dtype::F16, vec![2, 1], h),
+                ("b", safetensors::Dtype::BF16, vec![1, 2], b),
+            ],
+        );
         let w = SafetensorsWeights::open(d.path()).unwrap();
         assert_eq!(w.load_f32("a").unwrap(), vec![1.0, 2.0]);
         assert_eq!(w.load_f32("a").unwrap(), vec![1.0, 2.0], "released pages come back from the file");
@@ -235,8 +244,14 @@ mod tests {
     #[test]
     fn reads_sharded_checkpoints() {
         let d = tempfile::tempdir().unwrap();
-        write(&d.path().join("model-00001-of-00002.safetensors"), &[("x", safetensors::Dtype::F32, vec![1], f32_bytes(&[7.0]))]);
-        write(&d.path().join("model-00002-of-00002.safetensors"), &[("y", safetensors::Dtype::F32, vec![1], f32_bytes(&[8.0]))]);
+        write(
+            &d.path().join("model-00001-of-00002.safetensors"),
+            &[("x", safetensors::Dtype::F32, vec![1], f32_bytes(&[7.0]))],
+        );
+        write(
+            &d.path().join("model-00002-of-00002.safetensors"),
+            &[("y", safetensors::Dtype::F32, vec![1], f32_bytes(&[8.0]))],
+        );
         std::fs::write(
             d.path().join(INDEX_FILE),
             r#"{"metadata":{},"weight_map":{"x":"model-00001-of-00002.safetensors","y":"model-00002-of-00002.safetensors"}}"#,

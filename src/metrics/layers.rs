@@ -139,7 +139,8 @@ impl NoiseFloors {
 
     pub fn save(&self, path: &Path) -> Result<(), MetricsError> {
         let text = serde_json::to_string_pretty(self).expect("floors always serialize");
-        std::fs::write(path, text).map_err(|e| MetricsError::Floors { path: path.to_path_buf(), message: e.to_string() })
+        std::fs::write(path, text)
+            .map_err(|e| MetricsError::Floors { path: path.to_path_buf(), message: e.to_string() })
     }
 
     fn check(&self) -> Result<(), String> {
@@ -237,7 +238,10 @@ impl DivergenceRule {
 
     /// The first point whose rel-L2 exceeds its threshold; `points` must be in forward
     /// order, `capture = None` (the logits) last. A non-finite rel-L2 always exceeds.
-    pub fn first_divergent<'a>(&self, points: impl IntoIterator<Item = Point<'a>>) -> Option<super::report::DivergentPoint> {
+    pub fn first_divergent<'a>(
+        &self,
+        points: impl IntoIterator<Item = Point<'a>>,
+    ) -> Option<super::report::DivergentPoint> {
         points.into_iter().find_map(|(cap, tensor, rel_l2)| {
             let (threshold, rule) = self.threshold(cap);
             stats::exceeds(rel_l2, threshold).then(|| super::report::DivergentPoint {

@@ -649,10 +649,26 @@ mod tests {
         let r = RankedIds::new;
         let reference = r(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], Some(0.5));
         let same = topk_agreement(&reference, &reference, 1e-3);
-        assert_eq!(same, TopkAgreement { top1: true, top1_margin_aware: Some(true), top5_overlap: Some(1.0), top10_overlap: Some(1.0) });
+        assert_eq!(
+            same,
+            TopkAgreement {
+                top1: true,
+                top1_margin_aware: Some(true),
+                top5_overlap: Some(1.0),
+                top10_overlap: Some(1.0)
+            }
+        );
         let swapped = r(&[2, 1, 3, 4, 50, 6, 7, 8, 9, 10], None);
         let g = topk_agreement(&swapped, &reference, 1e-3);
-        assert_eq!(g, TopkAgreement { top1: false, top1_margin_aware: Some(false), top5_overlap: Some(0.8), top10_overlap: Some(0.9) });
+        assert_eq!(
+            g,
+            TopkAgreement {
+                top1: false,
+                top1_margin_aware: Some(false),
+                top5_overlap: Some(0.8),
+                top10_overlap: Some(0.9)
+            }
+        );
         // a near tie in the reference: the engine's token in the reference's top-2 is enough
         let tie = r(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], Some(1e-4));
         assert_eq!(topk_agreement(&swapped, &tie, 1e-3).top1_margin_aware, Some(true));

@@ -27,13 +27,13 @@ use crate::protocol::{CapturePoint, Dump, Manifest, ProtocolError, ShardTensors,
 
 pub use layers::{DivergenceRule, NoiseFloors};
 use logits::{RankedIds, RowMetrics};
-pub use report::{
-    DivergentPoint, LayerComparison, LayerValues, MissingPrompt, PromptReport, PromptState, Report, SampleKey,
-    Samples, Side, Summary, names,
-};
 use report::{
     AbsentCapture, DumpSummary, ExpertAgreement, Greedy, GreedySummary, KldStats, LayerSummary, LayerSummaryValues,
     LogitSeries, NonFinite, Overall, Rate, Settings, Sums, TopkSeries,
+};
+pub use report::{
+    DivergentPoint, LayerComparison, LayerValues, MissingPrompt, PromptReport, PromptState, Report, SampleKey, Samples,
+    Side, Summary, names,
 };
 
 /// Why two dumps could not be compared. Every variant names the prompt and tensor involved.
@@ -67,7 +67,9 @@ pub enum MetricsError {
         engine_len: usize,
         reference_len: usize,
     },
-    #[error("prompt {prompt:?}: tensor `{tensor}` has shape {engine:?} in the engine's dump and {reference:?} in the reference")]
+    #[error(
+        "prompt {prompt:?}: tensor `{tensor}` has shape {engine:?} in the engine's dump and {reference:?} in the reference"
+    )]
     ShapeMismatch { prompt: String, tensor: String, engine: Vec<usize>, reference: Vec<usize> },
     #[error("prompt {prompt:?}: `{tensor}` in {}: entry [{row}][{col}] = {value} is not a token id", path.display())]
     BadTokenId { prompt: String, path: PathBuf, tensor: String, row: usize, col: usize, value: i32 },
@@ -306,9 +308,7 @@ fn compare_prompt(ctx: &Ctx<'_>, id: &str) -> Result<PromptOutcome, MetricsError
 
 /// The first index where two id lists differ (including one ending first).
 fn first_difference(a: &[i32], b: &[i32]) -> Option<(usize, Option<i32>, Option<i32>)> {
-    (0..a.len().max(b.len()))
-        .find(|&i| a.get(i) != b.get(i))
-        .map(|i| (i, a.get(i).copied(), b.get(i).copied()))
+    (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)).map(|i| (i, a.get(i).copied(), b.get(i).copied()))
 }
 
 fn select(positions: &[i32], flags: impl Iterator<Item = bool>) -> Vec<i32> {
@@ -428,7 +428,8 @@ fn rankings(
             let k = *k;
             let probs = probs.map(|p| p.to_f32());
             if let Some(p) = &probs {
-                let per_row = (0..positions.len()).map(|i| p[i * k..(i + 1) * k].iter().filter(|x| !x.is_finite()).count() as u32);
+                let per_row = (0..positions.len())
+                    .map(|i| p[i * k..(i + 1) * k].iter().filter(|x| !x.is_finite()).count() as u32);
                 push_nonfinite(nonfinite, id, "top_probs", side, positions, per_row);
             }
             let mut out = Vec::with_capacity(positions.len());
@@ -473,7 +474,8 @@ fn push_nonfinite(
 }
 
 fn topk_series(a: &[RankedIds], b: &[RankedIds], tie_threshold: f64) -> TopkSeries {
-    let g: Vec<logits::TopkAgreement> = a.iter().zip(b).map(|(x, y)| logits::topk_agreement(x, y, tie_threshold)).collect();
+    let g: Vec<logits::TopkAgreement> =
+        a.iter().zip(b).map(|(x, y)| logits::topk_agreement(x, y, tie_threshold)).collect();
     let top1_id = |r: &RankedIds| r.top1().map_or(-1, i64::from);
     TopkSeries {
         engine_top1: a.iter().map(top1_id).collect(),
@@ -508,8 +510,14 @@ fn compare_layers(
         let why = |d: &Dump| d.manifest.captures.absent.get(c.as_str()).cloned();
         match (in_a.contains(&(c, l)), in_b.contains(&(c, l))) {
             (true, true) => both.push((c, l)),
-            (false, _) => absent.push(AbsentCapture { tensor: c.tensor_name(l), absent_in: Side::Engine, why: why(ctx.engine) }),
-            (_, false) => absent.push(AbsentCapture { tensor: c.tensor_name(l), absent_in: Side::Reference, why: why(ctx.reference) }),
+            (false, _) => {
+                absent.push(AbsentCapture { tensor: c.tensor_name(l), absent_in: Side::Engine, why: why(ctx.engine) })
+            }
+            (_, false) => absent.push(AbsentCapture {
+                tensor: c.tensor_name(l),
+                absent_in: Side::Reference,
+                why: why(ctx.reference),
+            }),
         }
     }
     let results: Vec<Result<(LayerComparison, Vec<NonFinite>), MetricsError>> =
@@ -582,8 +590,12 @@ fn summarize(logits: &[LogitSeries], topk: &[TopkSeries], n_positions: usize, no
         s.rel_l2_mean = stats::mean(&rel);
         s.nmse_mean = stats::mean(&cat(|l| &l.nmse));
         s.max_abs = stats::max(&cat(|l| &l.max_abs));
-        s.kld = stats::distribution(&cat(|l| &l.kld))
-            .map(|d| KldStats { mean: d.mean, median: d.median, p99: d.p99, max: d.max });
+        s.kld = stats::distribution(&cat(|l| &l.kld)).map(|d| KldStats {
+            mean: d.mean,
+            median: d.median,
+            p99: d.p99,
+            max: d.max,
+        });
     }
     if !topk.is_empty() {
         s.top1 = Some(rate(topk.iter().flat_map(|t| t.top1.iter().copied())));
@@ -696,7 +708,9 @@ fn pooled_layers(outcomes: &[PromptOutcome]) -> Vec<LayerSummary> {
                 // the first NaN, else the first lowest
                 let mut worst = (acc.floats[0].0, acc.floats[0].1);
                 for &(p, f) in &acc.floats[1..] {
-                    if !worst.1.worst_cosine.is_nan() && (f.worst_cosine.is_nan() || f.worst_cosine < worst.1.worst_cosine) {
+                    if !worst.1.worst_cosine.is_nan()
+                        && (f.worst_cosine.is_nan() || f.worst_cosine < worst.1.worst_cosine)
+                    {
                         worst = (p, f);
                     }
                 }

@@ -519,7 +519,10 @@ impl PromptReport {
                     s.extend(SampleKey::layer(names::LAYER_COSINE, l.capture, l.layer), [f.cosine]);
                 }
                 LayerValues::ExpertIds(e) => {
-                    s.extend(SampleKey::layer(names::LAYER_EXPERT_SET_AGREEMENT, l.capture, l.layer), [e.set_agreement]);
+                    s.extend(
+                        SampleKey::layer(names::LAYER_EXPERT_SET_AGREEMENT, l.capture, l.layer),
+                        [e.set_agreement],
+                    );
                 }
             }
         }
@@ -565,12 +568,39 @@ impl Report {
         let mut o = String::new();
         let e = &self.engine;
         let r = &self.reference;
-        let _ = writeln!(o, "engine:    {} ({} {}, {} on {}) {}", e.dir, e.engine, e.version, e.quant, e.backend, completeness(e));
-        let _ = writeln!(o, "reference: {} ({} {}, {} on {}) {}", r.dir, r.engine, r.version, r.quant, r.backend, completeness(r));
+        let _ = writeln!(
+            o,
+            "engine:    {} ({} {}, {} on {}) {}",
+            e.dir,
+            e.engine,
+            e.version,
+            e.quant,
+            e.backend,
+            completeness(e)
+        );
+        let _ = writeln!(
+            o,
+            "reference: {} ({} {}, {} on {}) {}",
+            r.dir,
+            r.engine,
+            r.version,
+            r.quant,
+            r.backend,
+            completeness(r)
+        );
         let _ = writeln!(o);
         let header = format!(
             "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>15} {:>15} {:>8}  {}",
-            "prompt", "pos", "min cos", "max relL2", "KLD mean", "KLD p99", "top-1", "margin top-1", "greedy", "first divergent"
+            "prompt",
+            "pos",
+            "min cos",
+            "max relL2",
+            "KLD mean",
+            "KLD p99",
+            "top-1",
+            "margin top-1",
+            "greedy",
+            "first divergent"
         );
         let _ = writeln!(o, "{header}");
         for p in &self.prompts {
@@ -589,27 +619,63 @@ impl Report {
         let div = ov.first_divergent.as_ref().map_or("none".to_string(), |d| d.tensor.clone());
         let _ = writeln!(o, "{}", summary_row("overall", &ov.summary, &greedy, &div));
         if let Some(k) = &ov.summary.kld {
-            let _ = writeln!(o, "KLD overall: mean {} median {} p99 {} max {}", sci(k.mean), sci(k.median), sci(k.p99), sci(k.max));
+            let _ = writeln!(
+                o,
+                "KLD overall: mean {} median {} p99 {} max {}",
+                sci(k.mean),
+                sci(k.median),
+                sci(k.p99),
+                sci(k.max)
+            );
         }
         if let Some(t) = &ov.summary.top1 {
-            let _ = writeln!(o, "top-1 overall: {}/{} = {:.2}% (Wilson lower bound {:.2}%, z = {})", t.hits, t.n, 100.0 * t.rate, 100.0 * t.wilson_lower, self.settings.wilson_z);
+            let _ = writeln!(
+                o,
+                "top-1 overall: {}/{} = {:.2}% (Wilson lower bound {:.2}%, z = {})",
+                t.hits,
+                t.n,
+                100.0 * t.rate,
+                100.0 * t.wilson_lower,
+                self.settings.wilson_z
+            );
         }
         if ov.summary.cosine_min.is_none() {
             let _ = writeln!(o, "full-logit metrics: absent (a dump holds top-k ids only)");
         }
         let _ = writeln!(o, "first divergent layer rule: {}", self.settings.divergence.describe());
         if let Some(d) = &ov.first_divergent {
-            let _ = writeln!(o, "first divergent point overall: {} (rel-L2 {} > {} by the {} rule)", d.tensor, sci(d.rel_l2), sci(d.threshold), d.rule);
+            let _ = writeln!(
+                o,
+                "first divergent point overall: {} (rel-L2 {} > {} by the {} rule)",
+                d.tensor,
+                sci(d.rel_l2),
+                sci(d.threshold),
+                d.rule
+            );
         }
 
         let deviating: Vec<&PromptReport> = self.prompts.iter().filter(|p| !p.deviating_positions.is_empty()).collect();
         let _ = writeln!(o);
         if deviating.is_empty() {
-            let _ = writeln!(o, "deviating positions: none (logits rel-L2 ≤ {} everywhere)", sci(self.settings.deviation_threshold));
+            let _ = writeln!(
+                o,
+                "deviating positions: none (logits rel-L2 ≤ {} everywhere)",
+                sci(self.settings.deviation_threshold)
+            );
         } else {
-            let _ = writeln!(o, "deviating positions (logits rel-L2 > {}, or top-1 differs without full logits):", sci(self.settings.deviation_threshold));
+            let _ = writeln!(
+                o,
+                "deviating positions (logits rel-L2 > {}, or top-1 differs without full logits):",
+                sci(self.settings.deviation_threshold)
+            );
             for p in deviating {
-                let _ = writeln!(o, "  {}: {} position(s): {}", p.id, p.deviating_positions.len(), list_positions(&p.deviating_positions, 20));
+                let _ = writeln!(
+                    o,
+                    "  {}: {} position(s): {}",
+                    p.id,
+                    p.deviating_positions.len(),
+                    list_positions(&p.deviating_positions, 20)
+                );
                 for line in worst_positions(p, 5) {
                     let _ = writeln!(o, "    {line}");
                 }
@@ -684,7 +750,14 @@ fn worst_positions(p: &PromptReport, n: usize) -> Vec<String> {
         .map(|&i| {
             let mut s = format!("position {}:", p.positions[i]);
             if let Some(l) = &p.logits {
-                let _ = write!(s, " rel-L2 {} cos {:.6} KLD {} max|Δ| {}", sci(l.rel_l2[i]), l.cosine[i], sci(l.kld[i]), sci(l.max_abs[i]));
+                let _ = write!(
+                    s,
+                    " rel-L2 {} cos {:.6} KLD {} max|Δ| {}",
+                    sci(l.rel_l2[i]),
+                    l.cosine[i],
+                    sci(l.kld[i]),
+                    sci(l.max_abs[i])
+                );
             }
             if let Some(t) = &p.topk {
                 let _ = write!(s, " top-1 engine {} reference {}", t.engine_top1[i], t.reference_top1[i]);
@@ -740,7 +813,9 @@ pub(crate) mod num {
                 "NaN" => Ok(f64::NAN),
                 "Infinity" => Ok(f64::INFINITY),
                 "-Infinity" => Ok(f64::NEG_INFINITY),
-                other => Err(serde::de::Error::custom(format!("expected a number, \"NaN\" or \"±Infinity\", got {other:?}"))),
+                other => {
+                    Err(serde::de::Error::custom(format!("expected a number, \"NaN\" or \"±Infinity\", got {other:?}")))
+                }
             },
         }
     }

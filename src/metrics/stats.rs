@@ -117,21 +117,13 @@ pub fn exceeds(value: f64, threshold: f64) -> bool {
 /// `‖a−b‖ / ‖b‖` from the sums `Σ(a−b)²` and `Σb²`: 0 when both are 0, +∞ when only the
 /// reference is 0.
 pub fn rel_l2(dd: f64, bb: f64) -> f64 {
-    if bb == 0.0 {
-        if dd == 0.0 { 0.0 } else { f64::INFINITY }
-    } else {
-        (dd / bb).sqrt()
-    }
+    if bb == 0.0 { if dd == 0.0 { 0.0 } else { f64::INFINITY } } else { (dd / bb).sqrt() }
 }
 
 /// `Σ(a−b)² / Σb²` (normalised MSE, as llama.cpp's `test-backend-ops` uses it): 0 when both
 /// are 0, +∞ when only the reference is 0.
 pub fn nmse(dd: f64, bb: f64) -> f64 {
-    if bb == 0.0 {
-        if dd == 0.0 { 0.0 } else { f64::INFINITY }
-    } else {
-        dd / bb
-    }
+    if bb == 0.0 { if dd == 0.0 { 0.0 } else { f64::INFINITY } } else { dd / bb }
 }
 
 /// `a·b / (‖a‖‖b‖)` from `Σa²`, `Σb²`, `Σab`: 1 when both vectors are zero, 0 when one is.

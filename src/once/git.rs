@@ -84,7 +84,10 @@ fn git_ok(dir: &Path, args: &[&str]) -> Result<String, GitError> {
 pub fn toplevel(dir: &Path) -> Result<PathBuf, GitError> {
     let out = git(dir, &["rev-parse", "--show-toplevel"])?;
     if !out.status.success() {
-        return Err(GitError::NotARepo { dir: dir.to_path_buf(), message: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(GitError::NotARepo {
+            dir: dir.to_path_buf(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
@@ -125,7 +128,10 @@ pub fn local_repo(repo: &str, engine: &str, cache: &Path) -> Result<PathBuf, Git
     }
     let dest = cache.join("repos").join(format!("{engine}.git"));
     if dest.exists() {
-        git_ok(&dest, &["fetch", "--quiet", "--prune", "origin", "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])?;
+        git_ok(
+            &dest,
+            &["fetch", "--quiet", "--prune", "origin", "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        )?;
     } else {
         std::fs::create_dir_all(dest.parent().expect("has a parent"))
             .map_err(|source| GitError::Spawn { repo: dest.clone(), source })?;
@@ -145,7 +151,8 @@ pub fn worktree(repo: &Path, sha: &CommitSha, cache: &Path) -> Result<PathBuf, G
         git_ok(&dir, &["checkout", "--quiet", "--force", "--detach", sha.as_str()])?;
         return Ok(dir);
     }
-    std::fs::create_dir_all(dir.parent().expect("has a parent")).map_err(|source| GitError::Spawn { repo: dir.clone(), source })?;
+    std::fs::create_dir_all(dir.parent().expect("has a parent"))
+        .map_err(|source| GitError::Spawn { repo: dir.clone(), source })?;
     // a worktree directory removed by hand leaves a stale registration behind
     let _ = git(repo, &["worktree", "prune"]);
     git_ok(repo, &["worktree", "add", "--quiet", "--force", "--detach", &dir.display().to_string(), sha.as_str()])?;

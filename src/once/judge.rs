@@ -49,7 +49,10 @@ impl Contracts {
     }
 
     pub fn ids(&self) -> Vec<ContractId> {
-        self.contracts.iter().map(|c| ContractId { id: c.id.clone(), version: c.version.clone(), sha256: c.sha256.clone() }).collect()
+        self.contracts
+            .iter()
+            .map(|c| ContractId { id: c.id.clone(), version: c.version.clone(), sha256: c.sha256.clone() })
+            .collect()
     }
 
     /// Every gate on every subject in its scope, contracts and gates in file order.
@@ -82,7 +85,11 @@ fn to_contract_subject(s: &Subject) -> contracts::Subject {
 
 fn to_record(v: &contracts::Verdict) -> VerdictRecord {
     VerdictRecord {
-        contract: ContractId { id: v.contract.id.clone(), version: v.contract.version.clone(), sha256: v.contract.sha256.clone() },
+        contract: ContractId {
+            id: v.contract.id.clone(),
+            version: v.contract.version.clone(),
+            sha256: v.contract.sha256.clone(),
+        },
         gate_id: v.gate_id.clone(),
         metric: v.metric.as_str().into(),
         reduction: v.reduction.as_str().into(),

@@ -117,7 +117,13 @@ pub struct OnceOutcome {
 }
 
 /// Resolves, checks, records, builds, runs, compares, judges, finishes the record.
-pub fn run(cfg: &Config, args: &OnceArgs, cwd: &Path, recorder: &mut dyn Recorder, progress: &dyn Progress) -> Result<OnceOutcome, OnceError> {
+pub fn run(
+    cfg: &Config,
+    args: &OnceArgs,
+    cwd: &Path,
+    recorder: &mut dyn Recorder,
+    progress: &dyn Progress,
+) -> Result<OnceOutcome, OnceError> {
     let name = args.engine.clone().unwrap_or_else(|| cfg.default_engine.clone());
     let engine = cfg.engines.get(&name).cloned().ok_or_else(|| OnceError::UnknownEngine {
         name: name.clone(),
@@ -133,7 +139,11 @@ pub fn run(cfg: &Config, args: &OnceArgs, cwd: &Path, recorder: &mut dyn Recorde
     let commit = git::resolve(&repo, &args.rev)?;
 
     // 2. everything that needs no engine
-    let contract_paths = if cfg.contracts.is_empty() { vec![git::toplevel(cwd).unwrap_or(repo.clone()).join("contracts")] } else { cfg.contracts.clone() };
+    let contract_paths = if cfg.contracts.is_empty() {
+        vec![git::toplevel(cwd).unwrap_or(repo.clone()).join("contracts")]
+    } else {
+        cfg.contracts.clone()
+    };
     if cfg.contracts.is_empty() && !contract_paths[0].is_dir() {
         return Err(OnceError::NoContracts { dir: contract_paths[0].clone() });
     }
@@ -156,7 +166,9 @@ pub fn run(cfg: &Config, args: &OnceArgs, cwd: &Path, recorder: &mut dyn Recorde
     let run_id = recorder.create_run(&new)?;
     let run_dir = recorder.run_dir(run_id);
     let mut state = RunState::default();
-    let total = 1 + u64::from(engine.build.is_some()) + groups.iter().map(|g| g.variants(engine.incremental).len() as u64).sum::<u64>();
+    let total = 1
+        + u64::from(engine.build.is_some())
+        + groups.iter().map(|g| g.variants(engine.incremental).len() as u64).sum::<u64>();
     progress.start(total);
     let error = measure(cfg, &engine, &repo, &commit.sha, &groups, &run_dir, &contracts, progress, &mut state).err();
     progress.done();
@@ -225,7 +237,8 @@ fn measure(
     if let Some(build) = &engine.build {
         progress.step(&format!("building {} at {}", engine.name, sha.short()));
         let cmd = shell(&vars.fill(build, None), &worktree, engine, &target);
-        let f = exec::run_logged(cmd, run_dir, "build", Duration::from_secs(engine.build_timeout_s)).map_err(|e| e.to_string())?;
+        let f = exec::run_logged(cmd, run_dir, "build", Duration::from_secs(engine.build_timeout_s))
+            .map_err(|e| e.to_string())?;
         state.logs.extend(["build.stdout".to_string(), "build.stderr".to_string()]);
         state.timings.insert("build".into(), f.elapsed_ms as f64);
         if !f.ending.is_success() {
@@ -335,10 +348,15 @@ fn run_variant(
     };
     let dump = match Dump::open(&out) {
         Ok(d) => d,
-        Err(e) => return Err(ended.unwrap_or_else(|| format!("engine {} on {}: exited 0 but left no readable dump: {e}", engine.name, g.model))),
+        Err(e) => {
+            return Err(ended.unwrap_or_else(|| {
+                format!("engine {} on {}: exited 0 but left no readable dump: {e}", engine.name, g.model)
+            }));
+        }
     };
     let ended = ended.or_else(|| {
-        (!dump.manifest.complete).then(|| format!("engine {} on {}: exited 0 but the dump is incomplete", engine.name, g.model))
+        (!dump.manifest.complete)
+            .then(|| format!("engine {} on {}: exited 0 but the dump is incomplete", engine.name, g.model))
     });
     if dump.manifest.prompts.is_empty() {
         return Err(ended.unwrap_or_else(|| format!("engine {} on {}: no prompt finished", engine.name, g.model)));
@@ -510,7 +528,15 @@ fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
     dump.manifest
         .prompts
         .iter()
-        .map(|p| (p.id.clone(), (rate(p.timings.prefill_tokens, &p.timings.prefill_ms), rate(p.timings.decode_tokens, &p.timings.decode_ms))))
+        .map(|p| {
+            (
+                p.id.clone(),
+                (
+                    rate(p.timings.prefill_tokens, &p.timings.prefill_ms),
+                    rate(p.timings.decode_tokens, &p.timings.decode_ms),
+                ),
+            )
+        })
         .collect()
 }
 
@@ -518,7 +544,12 @@ fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
 fn device_key(device: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
     format!("{}|{cpu}", if device.starts_with("cuda") { "cuda" } else { "cpu" })
 }

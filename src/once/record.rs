@@ -222,7 +222,8 @@ impl FileRecorder {
         let dir = self.run_dir(rec.id);
         let path = dir.join("run.json");
         let tmp = dir.join(".run.json.tmp");
-        let text = serde_json::to_string_pretty(rec).map_err(|source| RecordError::Json { path: path.clone(), source })?;
+        let text =
+            serde_json::to_string_pretty(rec).map_err(|source| RecordError::Json { path: path.clone(), source })?;
         std::fs::write(&tmp, text).map_err(|source| RecordError::Io { path: tmp.clone(), source })?;
         std::fs::rename(&tmp, &path).map_err(|source| RecordError::Io { path, source })
     }

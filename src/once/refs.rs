@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::EngineConfig;
 use crate::metrics::NoiseFloors;
-use crate::protocol::{CaptureSpec, CapturePoint, ComputeDtype, Dump, Layers, Mode, Request, SCHEMA_VERSION};
+use crate::protocol::{CapturePoint, CaptureSpec, ComputeDtype, Dump, Layers, Mode, Request, SCHEMA_VERSION};
 
 /// The f32 noise-floor pair measured at fixture time.
 pub const F32_FLOOR_PAIR: &str = "fp32-eager-vs-sdpa";
@@ -94,7 +94,10 @@ pub fn discover(cache: &Path, suite: &str) -> Result<Vec<ModelGroup>, RefsError>
         let model = file_name(&model_dir);
         let floors_path = model_dir.join("floors").join(format!("{F32_FLOOR_PAIR}.json"));
         let floors = if floors_path.exists() {
-            Some(NoiseFloors::load(&floors_path).map_err(|e| RefsError::Bad { dir: floors_path.clone(), message: e.to_string() })?)
+            Some(
+                NoiseFloors::load(&floors_path)
+                    .map_err(|e| RefsError::Bad { dir: floors_path.clone(), message: e.to_string() })?,
+            )
         } else {
             None
         };
@@ -111,7 +114,13 @@ pub fn discover(cache: &Path, suite: &str) -> Result<Vec<ModelGroup>, RefsError>
             let sha = r.request.model.sha256.clone().unwrap_or_default();
             match groups.iter_mut().find(|g| g.model == model && g.key == key) {
                 Some(g) => g.references.push(r),
-                None => groups.push(ModelGroup { model: model.clone(), key, model_sha256: sha, references: vec![r], floors: floors.clone() }),
+                None => groups.push(ModelGroup {
+                    model: model.clone(),
+                    key,
+                    model_sha256: sha,
+                    references: vec![r],
+                    floors: floors.clone(),
+                }),
             }
         }
     }
@@ -139,7 +148,14 @@ fn load_reference(model_dir: &Path, dir: &Path) -> Result<Reference, RefsError> 
         .unwrap_or_else(|| format!("{id}@{}", &dump.manifest.request_sha256));
     let m = &dump.manifest.model;
     let f32_safetensors = m.format.eq_ignore_ascii_case("safetensors") && m.quant.eq_ignore_ascii_case("f32");
-    Ok(Reference { id, dir: dir.to_path_buf(), fixture_id, request, dtype: m.compute_dtype.to_lowercase(), f32_safetensors })
+    Ok(Reference {
+        id,
+        dir: dir.to_path_buf(),
+        fixture_id,
+        request,
+        dtype: m.compute_dtype.to_lowercase(),
+        f32_safetensors,
+    })
 }
 
 fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {

@@ -29,10 +29,10 @@ pub struct StoreRecorder {
 impl StoreRecorder {
     /// Opens (and migrates) the database at `url`; run directories go under `data_dir/runs`.
     pub fn connect(url: &str, data_dir: &Path) -> Result<StoreRecorder, RecordError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| RecordError::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| RecordError::Io { path: data_dir.to_path_buf(), source })?;
         let store = rt.block_on(store::connect(url)).map_err(|e| RecordError::Store(e.to_string()))?;
         Ok(StoreRecorder { store, rt, data_dir: data_dir.to_path_buf() })
     }
@@ -77,7 +77,12 @@ impl Recorder for StoreRecorder {
         let sha = CommitSha::parse(&run.commit_sha).map_err(err)?;
         self.rt.block_on(async move {
             let engine = store.upsert_engine(&run.engine, run.repo.as_deref()).await.map_err(err)?;
-            let commit = NewCommit { sha, generation: run.generation, committed_at: None, title: Some(run.commit_title.clone()) };
+            let commit = NewCommit {
+                sha,
+                generation: run.generation,
+                committed_at: None,
+                title: Some(run.commit_title.clone()),
+            };
             let commit = store.upsert_commit(engine.id, &commit).await.map_err(err)?;
             let new = NewRun {
                 engine_id: engine.id,
@@ -240,7 +245,15 @@ impl StoreRecorder {
                 device_key: run.device.key(),
                 host: run.host.clone(),
                 fixture_ids: run.fixture_ids.clone(),
-                contracts: run.contracts.iter().map(|c| record::ContractId { id: c.id.clone(), version: c.version.clone(), sha256: c.sha256.clone() }).collect(),
+                contracts: run
+                    .contracts
+                    .iter()
+                    .map(|c| record::ContractId {
+                        id: c.id.clone(),
+                        version: c.version.clone(),
+                        sha256: c.sha256.clone(),
+                    })
+                    .collect(),
             },
             results: finished.then(|| RunResults {
                 status,
@@ -261,7 +274,15 @@ impl StoreRecorder {
                     .iter()
                     .map(|m| {
                         let (reference, mode) = split_reference(&m.reference);
-                        record::Measurement { model: m.model.clone(), reference, mode, prompt: m.prompt.clone(), metric: m.metric.clone(), statistic: m.statistic.clone(), value: m.value }
+                        record::Measurement {
+                            model: m.model.clone(),
+                            reference,
+                            mode,
+                            prompt: m.prompt.clone(),
+                            metric: m.metric.clone(),
+                            statistic: m.statistic.clone(),
+                            value: m.value,
+                        }
                     })
                     .collect(),
                 layers: d
@@ -269,14 +290,27 @@ impl StoreRecorder {
                     .iter()
                     .map(|l| {
                         let (reference, mode) = split_reference(&l.reference);
-                        record::LayerParity { model: l.model.clone(), reference, mode, prompt: l.prompt.clone(), capture: l.capture.clone(), layer: l.layer, rel_l2: l.rel_l2, cosine: l.cosine }
+                        record::LayerParity {
+                            model: l.model.clone(),
+                            reference,
+                            mode,
+                            prompt: l.prompt.clone(),
+                            capture: l.capture.clone(),
+                            layer: l.layer,
+                            rel_l2: l.rel_l2,
+                            cosine: l.cosine,
+                        }
                     })
                     .collect(),
                 verdicts: d
                     .verdicts
                     .iter()
                     .map(|v| record::VerdictRecord {
-                        contract: record::ContractId { id: v.contract.id.clone(), version: v.contract.version.clone(), sha256: v.contract.sha256.clone() },
+                        contract: record::ContractId {
+                            id: v.contract.id.clone(),
+                            version: v.contract.version.clone(),
+                            sha256: v.contract.sha256.clone(),
+                        },
                         gate_id: v.gate_id.clone(),
                         metric: v.metric.clone(),
                         reduction: v.reduction.clone(),

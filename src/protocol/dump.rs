@@ -187,7 +187,11 @@ impl DumpWriter {
             named.push((k.clone(), v));
         }
         for (name, t) in &named {
-            if name != "token_ids" && name != "generated" && name != "positions" && t.shape().first() != Some(&n_positions) {
+            if name != "token_ids"
+                && name != "generated"
+                && name != "positions"
+                && t.shape().first() != Some(&n_positions)
+            {
                 return Err(ProtocolError::Shape {
                     path: path.clone(),
                     tensor: name.clone(),
@@ -391,7 +395,8 @@ impl ShardTensors {
         // SAFETY: the shard is opened read-only; dumps are written through a rename, so the
         // file under the mapping is never modified in place by a well-behaved writer. A
         // foreign process truncating it would be a bug outside our control (SIGBUS).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
+        let mmap =
+            unsafe { Mmap::map(&file) }.map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| ProtocolError::Shard { path: path.to_path_buf(), message: e.to_string() })?;
         let base = 8 + header_len;
@@ -404,7 +409,8 @@ impl ShardTensors {
                 expected: "F32, F16, BF16 or I32".into(),
             })?;
             let (a, b) = info.data_offsets;
-            tensors.insert(name.clone(), TensorEntry { dtype, shape: info.shape.clone(), start: base + a, end: base + b });
+            tensors
+                .insert(name.clone(), TensorEntry { dtype, shape: info.shape.clone(), start: base + a, end: base + b });
         }
         Ok(ShardTensors { path: path.to_path_buf(), mmap, tensors })
     }
@@ -418,16 +424,29 @@ impl ShardTensors {
     }
 
     pub fn get(&self, name: &str) -> Result<TensorView<'_>, ProtocolError> {
-        let e = self.tensors.get(name).ok_or_else(|| ProtocolError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ProtocolError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         Ok(TensorView { dtype: e.dtype, shape: &e.shape, bytes: &self.mmap[e.start..e.end] })
     }
 
     fn get_i32(&self, name: &str) -> Result<Cow<'_, [i32]>, ProtocolError> {
         let v = self.get(name)?;
         if v.shape.len() != 1 {
-            return Err(ProtocolError::Shape { path: self.path.clone(), tensor: name.into(), got: v.shape.to_vec(), expected: "1-D".into() });
+            return Err(ProtocolError::Shape {
+                path: self.path.clone(),
+                tensor: name.into(),
+                got: v.shape.to_vec(),
+                expected: "1-D".into(),
+            });
         }
-        v.to_i32().ok_or_else(|| ProtocolError::Dtype { path: self.path.clone(), tensor: name.into(), got: v.dtype.name().into(), expected: "I32".into() })
+        v.to_i32().ok_or_else(|| ProtocolError::Dtype {
+            path: self.path.clone(),
+            tensor: name.into(),
+            got: v.dtype.name().into(),
+            expected: "I32".into(),
+        })
     }
 
     /// `[T]` token ids.
@@ -449,10 +468,7 @@ impl ShardTensors {
 
     /// Capture tensors present, as `(point, layer, name)`.
     pub fn captures(&self) -> Vec<(CapturePoint, u32, String)> {
-        self.tensors
-            .keys()
-            .filter_map(|n| CapturePoint::parse_tensor_name(n).map(|(c, l)| (c, l, n.clone())))
-            .collect()
+        self.tensors.keys().filter_map(|n| CapturePoint::parse_tensor_name(n).map(|(c, l)| (c, l, n.clone()))).collect()
     }
 
     /// Checks the shard against its manifest record: every tensor has the shape and dtype
@@ -461,15 +477,27 @@ impl ShardTensors {
         let path = &self.path;
         let ids = self.token_ids()?;
         if ids.len() != rec.n_tokens as usize {
-            return Err(ProtocolError::Mismatch { path: path.clone(), message: format!("token_ids has {} entries, the manifest says {}", ids.len(), rec.n_tokens) });
+            return Err(ProtocolError::Mismatch {
+                path: path.clone(),
+                message: format!("token_ids has {} entries, the manifest says {}", ids.len(), rec.n_tokens),
+            });
         }
         let pos = self.positions()?;
         if pos.len() != rec.n_positions as usize {
-            return Err(ProtocolError::Mismatch { path: path.clone(), message: format!("positions has {} entries, the manifest says {}", pos.len(), rec.n_positions) });
+            return Err(ProtocolError::Mismatch {
+                path: path.clone(),
+                message: format!("positions has {} entries, the manifest says {}", pos.len(), rec.n_positions),
+            });
         }
         for (i, &p) in pos.iter().enumerate() {
             if p < 0 || p as usize >= ids.len() || (i > 0 && p <= pos[i - 1]) {
-                return Err(ProtocolError::Mismatch { path: path.clone(), message: format!("positions[{i}] = {p} is not a strictly ascending index into {} tokens", ids.len()) });
+                return Err(ProtocolError::Mismatch {
+                    path: path.clone(),
+                    message: format!(
+                        "positions[{i}] = {p} is not a strictly ascending index into {} tokens",
+                        ids.len()
+                    ),
+                });
             }
         }
         self.generated()?;
@@ -480,14 +508,27 @@ impl ShardTensors {
                 continue;
             }
             if e.shape.len() != 2 || e.shape[0] != p {
-                return Err(ProtocolError::Shape { path: path.clone(), tensor: name.clone(), got: e.shape.clone(), expected: format!("[{p}, ·]") });
+                return Err(ProtocolError::Shape {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                    got: e.shape.clone(),
+                    expected: format!("[{p}, ·]"),
+                });
             }
             let want_int = name.starts_with("hidden.moe_topk_ids.");
             if want_int != (e.dtype == Dtype::I32) {
-                return Err(ProtocolError::Dtype { path: path.clone(), tensor: name.clone(), got: e.dtype.name().into(), expected: if want_int { "I32".into() } else { "F32, F16 or BF16".into() } });
+                return Err(ProtocolError::Dtype {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                    got: e.dtype.name().into(),
+                    expected: if want_int { "I32".into() } else { "F32, F16 or BF16".into() },
+                });
             }
             if name.starts_with("hidden.") && CapturePoint::parse_tensor_name(name).is_none() {
-                return Err(ProtocolError::Mismatch { path: path.clone(), message: format!("tensor `{name}` is not a known capture (hidden.{{capture}}.{{layer}})") });
+                return Err(ProtocolError::Mismatch {
+                    path: path.clone(),
+                    message: format!("tensor `{name}` is not a known capture (hidden.{{capture}}.{{layer}})"),
+                });
             }
         }
         self.validate_top_k(p)
@@ -500,21 +541,44 @@ impl ShardTensors {
         let ids = self.tensors.get("top_ids");
         if let Some(e) = ids {
             if e.shape.len() != 2 || e.shape[0] != p || e.shape[1] == 0 {
-                return Err(ProtocolError::Shape { path: path.clone(), tensor: "top_ids".into(), got: e.shape.clone(), expected: format!("[{p}, K] with K ≥ 1") });
+                return Err(ProtocolError::Shape {
+                    path: path.clone(),
+                    tensor: "top_ids".into(),
+                    got: e.shape.clone(),
+                    expected: format!("[{p}, K] with K ≥ 1"),
+                });
             }
             if e.dtype != Dtype::I32 {
-                return Err(ProtocolError::Dtype { path: path.clone(), tensor: "top_ids".into(), got: e.dtype.name().into(), expected: "I32".into() });
+                return Err(ProtocolError::Dtype {
+                    path: path.clone(),
+                    tensor: "top_ids".into(),
+                    got: e.dtype.name().into(),
+                    expected: "I32".into(),
+                });
             }
         }
         if let Some(e) = self.tensors.get("top_probs") {
             let Some(ids) = ids else {
-                return Err(ProtocolError::MissingTensor { path: path.clone(), tensor: "top_ids (top_probs needs the ids it belongs to)".into() });
+                return Err(ProtocolError::MissingTensor {
+                    path: path.clone(),
+                    tensor: "top_ids (top_probs needs the ids it belongs to)".into(),
+                });
             };
             if e.shape != ids.shape {
-                return Err(ProtocolError::Shape { path: path.clone(), tensor: "top_probs".into(), got: e.shape.clone(), expected: format!("{:?} (the shape of top_ids)", ids.shape) });
+                return Err(ProtocolError::Shape {
+                    path: path.clone(),
+                    tensor: "top_probs".into(),
+                    got: e.shape.clone(),
+                    expected: format!("{:?} (the shape of top_ids)", ids.shape),
+                });
             }
             if !e.dtype.is_float() {
-                return Err(ProtocolError::Dtype { path: path.clone(), tensor: "top_probs".into(), got: e.dtype.name().into(), expected: "F32, F16 or BF16".into() });
+                return Err(ProtocolError::Dtype {
+                    path: path.clone(),
+                    tensor: "top_probs".into(),
+                    got: e.dtype.name().into(),
+                    expected: "F32, F16 or BF16".into(),
+                });
             }
         }
         Ok(())
@@ -524,14 +588,26 @@ impl ShardTensors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{EngineInfo, ModelInfo, Mode, TokenizerInfo, CaptureRecord};
+    use crate::protocol::{CaptureRecord, EngineInfo, Mode, ModelInfo, TokenizerInfo};
 
     pub(crate) fn manifest(ids: &[&str]) -> Manifest {
         Manifest {
             schema: crate::protocol::SCHEMA_VERSION,
             complete: false,
-            engine: EngineInfo { name: "test".into(), version: "0".into(), backend: "cpu".into(), device: "cpu".into(), ..Default::default() },
-            model: ModelInfo { path: "m".into(), format: "safetensors".into(), quant: "f32".into(), compute_dtype: "f32".into(), ..Default::default() },
+            engine: EngineInfo {
+                name: "test".into(),
+                version: "0".into(),
+                backend: "cpu".into(),
+                device: "cpu".into(),
+                ..Default::default()
+            },
+            model: ModelInfo {
+                path: "m".into(),
+                format: "safetensors".into(),
+                quant: "f32".into(),
+                compute_dtype: "f32".into(),
+                ..Default::default()
+            },
             tokenizer: TokenizerInfo::default(),
             mode: Mode::Prefill,
             request_sha256: "0".into(),

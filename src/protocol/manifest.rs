@@ -149,10 +149,10 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest, ProtocolError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|source| ProtocolError::Json { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|source| ProtocolError::Json { path: path.to_path_buf(), source })?;
         if m.schema != SCHEMA_VERSION {
             return Err(ProtocolError::Invalid {
                 path: Some(path.to_path_buf()),
@@ -170,10 +170,6 @@ impl Manifest {
 
     /// Requested prompts that were never finished.
     pub fn missing_prompts(&self) -> Vec<&str> {
-        self.prompt_ids
-            .iter()
-            .filter(|id| self.prompt(id).is_none())
-            .map(String::as_str)
-            .collect()
+        self.prompt_ids.iter().filter(|id| self.prompt(id).is_none()).map(String::as_str).collect()
     }
 }

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use dump::{Dtype, Dump, DumpWriter, PromptShard, ShardTensors, Tensor, TensorView};
-pub use manifest::{
-    CaptureRecord, EngineInfo, Manifest, ModelInfo, PromptRecord, Timings, TokenizerInfo,
-};
+pub use manifest::{CaptureRecord, EngineInfo, Manifest, ModelInfo, PromptRecord, Timings, TokenizerInfo};
 pub use request::{CaptureSpec, ComputeDtype, Layers, Mode, ModelRef, Positions, Prompt, Request};
 
 /// The protocol version this runner reads and writes (requests and manifests).

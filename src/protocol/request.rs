@@ -196,28 +196,27 @@ fn one() -> u32 {
 impl Request {
     /// Reads and validates a request file; every error names the file and the field.
     pub fn load(path: &Path) -> Result<Request, ProtocolError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
-        let req: Request = serde_json::from_str(&text)
-            .map_err(|source| ProtocolError::Json { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })?;
+        let req: Request =
+            serde_json::from_str(&text).map_err(|source| ProtocolError::Json { path: path.to_path_buf(), source })?;
         req.validate().map_err(|e| e.in_file(path))?;
         Ok(req)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ProtocolError> {
         let text = serde_json::to_string_pretty(self).expect("a request always serializes");
-        std::fs::write(path, text)
-            .map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })
+        std::fs::write(path, text).map_err(|source| ProtocolError::Io { path: path.to_path_buf(), source })
     }
 
     /// Checks what serde cannot: schema version, non-empty prompts, positions in range and
     /// ascending, unique prompt ids.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         if self.schema != SCHEMA_VERSION {
-            return Err(ProtocolError::invalid("schema", format!(
-                "request schema {} is not supported (this runner speaks {SCHEMA_VERSION})",
-                self.schema
-            )));
+            return Err(ProtocolError::invalid(
+                "schema",
+                format!("request schema {} is not supported (this runner speaks {SCHEMA_VERSION})", self.schema),
+            ));
         }
         if self.prompts.is_empty() {
             return Err(ProtocolError::invalid("prompts", "no prompts".to_string()));
@@ -238,8 +237,9 @@ impl Request {
                 return Err(ProtocolError::invalid(&field, format!("prompt {:?} has negative token id {bad}", p.id)));
             }
             let positions = self.positions_of(i);
-            check_positions(&positions, p.token_ids.len())
-                .map_err(|msg| ProtocolError::invalid(&format!("{field}.positions"), format!("prompt {:?}: {msg}", p.id)))?;
+            check_positions(&positions, p.token_ids.len()).map_err(|msg| {
+                ProtocolError::invalid(&format!("{field}.positions"), format!("prompt {:?}: {msg}", p.id))
+            })?;
         }
         Ok(())
     }

@@ -23,13 +23,7 @@ pub(crate) fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> M
     let migrations = files
         .iter()
         .map(|&(version, description, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(description),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
+            Migration::new(version, Cow::Borrowed(description), MigrationType::Simple, Cow::Borrowed(sql), false)
         })
         .collect::<Vec<_>>();
     Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
@@ -39,8 +33,7 @@ pub(crate) fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> M
 pub(crate) fn attempt_token(worker: &str, now_ms: i64) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let seed = format!("{worker}|{now_ms}|{nanos}|{}|{n}", std::process::id());
     crate::protocol::sha256_hex(seed.as_bytes())[..32].to_string()
 }
@@ -685,22 +678,16 @@ macro_rules! impl_store {
                 // 3. Measurements, per-layer parity, verdicts.
                 let ms: Vec<(Option<i64>, &Measurement)> =
                     results.measurements.iter().map(|m| (series(&m.model, &m.reference), m)).collect();
-                insert_chunked(
-                    &mut tx,
-                    $crate::store::common::INSERT_MEASUREMENTS,
-                    &ms,
-                    doing,
-                    |b, (s, m)| {
-                        b.push_bind(id.0)
-                            .push_bind(*s)
-                            .push_bind(m.model.as_str())
-                            .push_bind(m.reference.as_str())
-                            .push_bind(m.prompt.as_deref())
-                            .push_bind(m.metric.as_str())
-                            .push_bind(m.statistic.as_str())
-                            .push_bind(nan_to_null(m.value));
-                    },
-                )
+                insert_chunked(&mut tx, $crate::store::common::INSERT_MEASUREMENTS, &ms, doing, |b, (s, m)| {
+                    b.push_bind(id.0)
+                        .push_bind(*s)
+                        .push_bind(m.model.as_str())
+                        .push_bind(m.reference.as_str())
+                        .push_bind(m.prompt.as_deref())
+                        .push_bind(m.metric.as_str())
+                        .push_bind(m.statistic.as_str())
+                        .push_bind(nan_to_null(m.value));
+                })
                 .await?;
                 let ls: Vec<(Option<i64>, &LayerParity)> =
                     results.layers.iter().map(|l| (series(&l.model, &l.reference), l)).collect();
@@ -818,10 +805,7 @@ macro_rules! impl_store {
                 Ok(Some(RunDetails { run, series, measurements, layers, verdicts }))
             }
 
-            async fn recent_runs(
-                &self,
-                limit: i64,
-            ) -> Result<Vec<$crate::store::Run>, $crate::store::StoreError> {
+            async fn recent_runs(&self, limit: i64) -> Result<Vec<$crate::store::Run>, $crate::store::StoreError> {
                 let sql = format!("{} ORDER BY r.id DESC LIMIT $1", $crate::store::common::SELECT_RUN);
                 sqlx::query(&sql)
                     .bind(limit)
@@ -845,10 +829,7 @@ macro_rules! impl_store {
                     .map_err($crate::store::query_err("reading the latest run per series"))?
                     .iter()
                     .map(|row| {
-                        Ok($crate::store::SeriesLatest {
-                            series: series_from(row)?,
-                            latest: series_run_from(row)?,
-                        })
+                        Ok($crate::store::SeriesLatest { series: series_from(row)?, latest: series_run_from(row)? })
                     })
                     .collect()
             }
@@ -906,9 +887,7 @@ macro_rules! impl_store {
                     .map(|row| {
                         Ok(TrendPoint {
                             run_id: RunId(col(row, "run_id")?),
-                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| {
-                                CommitSha::parse(s).ok()
-                            })?,
+                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| CommitSha::parse(s).ok())?,
                             generation: col(row, "generation")?,
                             value: null_to_nan(col(row, "value")?),
                         })

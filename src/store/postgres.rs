@@ -33,22 +33,14 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
         // One direct connection first: the pool retries a refused connection until its
         // acquire timeout, and a mistyped --db should fail at once.
-        PgConnection::connect_with(&options)
-            .await
-            .map_err(connect_err)?
-            .close()
-            .await
-            .map_err(connect_err)?;
+        PgConnection::connect_with(&options).await.map_err(connect_err)?.close().await.map_err(connect_err)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
             .map_err(connect_err)?;
-        migrator(MIGRATIONS)
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate { url: shown.clone(), source })?;
+        migrator(MIGRATIONS).run(&pool).await.map_err(|source| StoreError::Migrate { url: shown.clone(), source })?;
         Ok(PgStore { pool, url: shown })
     }
 

@@ -79,10 +79,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Connect { url: url.clone(), source })?;
-        migrator(MIGRATIONS)
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate { url: url.clone(), source })?;
+        migrator(MIGRATIONS).run(&pool).await.map_err(|source| StoreError::Migrate { url: url.clone(), source })?;
         Ok(SqliteStore { pool, url })
     }
 

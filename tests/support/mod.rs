@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use paritybench::protocol::{CaptureSpec, CapturePoint, ComputeDtype, Layers, Mode, ModelRef, Positions, Prompt, Request};
+use paritybench::protocol::{
+    CapturePoint, CaptureSpec, ComputeDtype, Layers, Mode, ModelRef, Positions, Prompt, Request,
+};
 
 /// The `runner` binary built for these tests.
 pub fn runner() -> Command {
@@ -35,7 +37,13 @@ pub fn request(model: &Path, prompts: &[(&str, Vec<i32>)], mode: Mode, decode_st
         model: ModelRef { path: model.to_path_buf(), sha256: None, format: None, tokenizer: None },
         prompts: prompts
             .iter()
-            .map(|(id, ids)| Prompt { id: id.to_string(), token_ids: ids.clone(), text: None, chat: false, positions: None })
+            .map(|(id, ids)| Prompt {
+                id: id.to_string(),
+                token_ids: ids.clone(),
+                text: None,
+                chat: false,
+                positions: None,
+            })
             .collect(),
         positions: Positions::All,
         captures: CaptureSpec { points: CapturePoint::ALL.to_vec(), layers: Layers::All },
@@ -150,12 +158,21 @@ pub fn tiny_checkpoint(dir: &Path, arch: &str) {
 }
 
 /// Writes f32 tensors, except those listed in `f64_tensors`, stored as F64.
-pub fn write_safetensors(path: &Path, t: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, f64_tensors: &BTreeMap<String, ()>) {
+pub fn write_safetensors(
+    path: &Path,
+    t: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    f64_tensors: &BTreeMap<String, ()>,
+) {
     let bytes: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = t
         .iter()
         .map(|(n, (s, v))| {
             if f64_tensors.contains_key(n) {
-                (n.clone(), s.clone(), safetensors::Dtype::F64, v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect())
+                (
+                    n.clone(),
+                    s.clone(),
+                    safetensors::Dtype::F64,
+                    v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
+                )
             } else {
                 (n.clone(), s.clone(), safetensors::Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
             }

@@ -4,9 +4,9 @@
 //! speed, never the numbers (dumps are bit-identical for 1 and N threads).
 
 use super::{Backend, BackendError};
+use crate::engine::EngineError;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::model::{ForwardIo, Model, Scratch};
-use crate::engine::EngineError;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -58,7 +58,14 @@ impl Backend for CpuBackend {
         ]
     }
 
-    fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache, io: &mut ForwardIo<'_>, scratch: &mut Scratch) -> Result<(), EngineError> {
+    fn forward(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        io: &mut ForwardIo<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<(), EngineError> {
         self.pool.install(|| model.forward(tokens, cache, io, scratch))
     }
 }

@@ -6,9 +6,9 @@
 
 pub mod cpu;
 
+use super::EngineError;
 use super::kv_cache::KvCache;
 use super::model::{ForwardIo, Model, Scratch};
-use super::EngineError;
 
 /// The backends this build can run, for `describe`.
 pub const BACKENDS: &[&str] = &["cpu"];
@@ -65,7 +65,14 @@ pub trait Backend: Send + Sync {
     /// Provenance worth keeping in the manifest (thread count, driver, ...).
     fn details(&self) -> Vec<(String, String)>;
     /// One forward call; see [`Model::forward`].
-    fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache, io: &mut ForwardIo<'_>, scratch: &mut Scratch) -> Result<(), EngineError>;
+    fn forward(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        io: &mut ForwardIo<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<(), EngineError>;
 }
 
 /// Opens the backend for `device`. `threads`: CPU worker threads (`None`: rayon's default,
