@@ -2,12 +2,11 @@
 //! record), finished with everything it measured in one step (so nothing is half-written).
 //!
 //! [`Recorder`] is the narrow seam `runner once` needs; its shapes mirror `store::NewRun` /
-//! `store::RunResults` field for field, so the adapter onto the real `Store` is a mapping.
-//! Until `src/store` is merged, [`FileRecorder`] keeps each run as `run.json` in its run
-//! directory, replaced atomically (write to a temporary file, then rename).
+//! `store::RunResults` field for field; [`super::store_recorder::StoreRecorder`] maps them
+//! onto the real `Store` (SQLite or PostgreSQL).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,10 +15,6 @@ use serde::{Deserialize, Serialize};
 pub enum RecordError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{}: {source}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
-    #[error("run {id} is {status}; it cannot be finished again")]
-    AlreadyFinished { id: i64, status: String },
     #[error("run {id} does not exist")]
     NotFound { id: i64 },
     #[error("database: {0}")]
@@ -179,105 +174,4 @@ pub trait Recorder {
     fn run_dir(&self, id: i64) -> PathBuf;
     /// Every recorded run, oldest first, as recorded (for tests and `runner` reports).
     fn runs(&mut self) -> Result<Vec<RunRecord>, RecordError>;
-}
-
-/// Runs kept as `<data>/runs/<id>/run.json` (interim store; see the module docs).
-#[derive(Debug, Clone)]
-pub struct FileRecorder {
-    data_dir: PathBuf,
-}
-
-impl FileRecorder {
-    pub fn new(data_dir: &Path) -> FileRecorder {
-        FileRecorder { data_dir: data_dir.to_path_buf() }
-    }
-
-    fn runs_dir(&self) -> PathBuf {
-        self.data_dir.join("runs")
-    }
-
-    /// Every recorded run, by id.
-    pub fn all(&self) -> Result<Vec<RunRecord>, RecordError> {
-        let runs = self.runs_dir();
-        let mut ids: Vec<i64> = match std::fs::read_dir(&runs) {
-            Ok(rd) => rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(RecordError::Io { path: runs, source }),
-        };
-        ids.sort_unstable();
-        ids.into_iter().filter(|&id| self.run_dir(id).join("run.json").exists()).map(|id| self.load(id)).collect()
-    }
-
-    pub fn load(&self, id: i64) -> Result<RunRecord, RecordError> {
-        let path = self.run_dir(id).join("run.json");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(RecordError::NotFound { id }),
-            Err(source) => return Err(RecordError::Io { path, source }),
-        };
-        serde_json::from_str(&text).map_err(|source| RecordError::Json { path, source })
-    }
-
-    fn save(&self, rec: &RunRecord) -> Result<(), RecordError> {
-        let dir = self.run_dir(rec.id);
-        let path = dir.join("run.json");
-        let tmp = dir.join(".run.json.tmp");
-        let text =
-            serde_json::to_string_pretty(rec).map_err(|source| RecordError::Json { path: path.clone(), source })?;
-        std::fs::write(&tmp, text).map_err(|source| RecordError::Io { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| RecordError::Io { path, source })
-    }
-}
-
-impl Recorder for FileRecorder {
-    fn create_run(&mut self, run: &NewRunRecord) -> Result<i64, RecordError> {
-        let runs = self.runs_dir();
-        std::fs::create_dir_all(&runs).map_err(|source| RecordError::Io { path: runs.clone(), source })?;
-        // the next free id; create_dir is atomic, so two runners never share one
-        let mut id = self.all_ids()?.into_iter().max().unwrap_or(0) + 1;
-        loop {
-            match std::fs::create_dir(self.run_dir(id)) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => id += 1,
-                Err(source) => return Err(RecordError::Io { path: self.run_dir(id), source }),
-            }
-        }
-        let rec = RunRecord {
-            id,
-            status: Status::Running,
-            created_utc: chrono::Utc::now().to_rfc3339(),
-            finished_utc: None,
-            run: run.clone(),
-            results: None,
-        };
-        self.save(&rec)?;
-        Ok(id)
-    }
-
-    fn finish_run(&mut self, id: i64, results: &RunResults) -> Result<(), RecordError> {
-        let mut rec = self.load(id)?;
-        if rec.status != Status::Running {
-            return Err(RecordError::AlreadyFinished { id, status: rec.status.as_str().into() });
-        }
-        rec.status = results.status;
-        rec.finished_utc = Some(chrono::Utc::now().to_rfc3339());
-        rec.results = Some(results.clone());
-        self.save(&rec)
-    }
-
-    fn run_dir(&self, id: i64) -> PathBuf {
-        self.runs_dir().join(id.to_string())
-    }
-
-    fn runs(&mut self) -> Result<Vec<RunRecord>, RecordError> {
-        self.all()
-    }
-}
-
-impl FileRecorder {
-    fn all_ids(&self) -> Result<Vec<i64>, RecordError> {
-        let runs = self.runs_dir();
-        let rd = std::fs::read_dir(&runs).map_err(|source| RecordError::Io { path: runs.clone(), source })?;
-        Ok(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-    }
 }
