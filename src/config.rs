@@ -26,11 +26,14 @@ pub enum ConfigError {
     Env { name: &'static str, value: String, message: String },
     #[error("{}: engine `{engine}`: {message}", path.display())]
     Engine { path: PathBuf, engine: String, message: String },
+    #[error("{}: `{key}`: {message}", path.display())]
+    Setting { path: PathBuf, key: String, message: String },
     #[error("no home directory to put the cache under: set PARITYBENCH_CACHE")]
     NoHome,
 }
 
-/// A string that is never printed by `Debug` (a database URL may carry a password).
+/// A string that is never printed by `Debug`: a URL shows without its password, anything
+/// else (a webhook secret, an API token) as `***`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -46,7 +49,7 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        if self.0.contains("://") { f.write_str(&redact_url(&self.0)) } else { f.write_str("***") }
     }
 }
 
@@ -125,6 +128,12 @@ pub struct Config {
     /// Multiple of the fixture noise floor that flags the first divergent layer.
     pub floor_k: f64,
     pub engines: BTreeMap<String, EngineConfig>,
+    /// `[queue]`: leases, retries and the worker's device.
+    pub queue: QueueConfig,
+    /// `[github]`: the webhook and the commit statuses.
+    pub github: GithubConfig,
+    /// `[nightly]`: which branch heads `runner nightly` measures.
+    pub nightly: NightlyConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +148,12 @@ struct FileConfig {
     floor_k: Option<f64>,
     #[serde(default)]
     engines: BTreeMap<String, FileEngine>,
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    github: GithubConfig,
+    #[serde(default)]
+    nightly: NightlyConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,7 +255,30 @@ impl Config {
             c.decode_steps = e.decode_steps.unwrap_or(c.decode_steps);
             engines.insert(name, c);
         }
-        Ok(Config { cache_dir, data_dir, db, suite, default_engine, contracts, floor_k, engines })
+        let mut queue = f.queue;
+        if let Some(v) = env("PARITYBENCH_WORKER_DEVICE") {
+            queue.device = Some(v);
+        }
+        let mut github = f.github;
+        github.secret = env("PARITYBENCH_GITHUB_SECRET").map(Secret::new).or(github.secret);
+        github.token = env("PARITYBENCH_GITHUB_TOKEN").map(Secret::new).or(github.token);
+        queue.check(&path)?;
+        github.check(&path, &engines)?;
+        f.nightly.check(&path, &engines)?;
+        let nightly = f.nightly;
+        Ok(Config {
+            cache_dir,
+            data_dir,
+            db,
+            suite,
+            default_engine,
+            contracts,
+            floor_k,
+            engines,
+            queue,
+            github,
+            nightly,
+        })
     }
 
     /// The database URL: the configured one, or the SQLite file under the data directory.
@@ -250,6 +288,172 @@ impl Config {
             None => format!("sqlite://{}", self.data_dir.join("paritybench.sqlite").display()),
         }
     }
+}
+
+/// `[queue]`: how workers hold and retry jobs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// How long a claim holds a job without a heartbeat, seconds.
+    pub lease_s: f64,
+    /// How often a worker renews its lease, seconds (well under `lease_s`).
+    pub heartbeat_s: f64,
+    /// How long an idle worker waits before looking for work again, seconds.
+    pub poll_s: f64,
+    /// Attempts per job before it is given up (and recorded as an errored run).
+    pub max_attempts: i64,
+    /// The first retry waits this long, seconds; each next one twice as long ...
+    pub backoff_s: f64,
+    /// ... up to this cap, seconds.
+    pub backoff_max_s: f64,
+    /// This worker's device: a fingerprint key such as `cuda|NVIDIA H100 80GB HBM3` or `cpu|…`
+    /// (`$PARITYBENCH_WORKER_DEVICE`); default: detected (`nvidia-smi`, else the CPU model).
+    pub device: Option<String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> QueueConfig {
+        QueueConfig {
+            lease_s: 300.0,
+            heartbeat_s: 30.0,
+            poll_s: 5.0,
+            max_attempts: 3,
+            backoff_s: 60.0,
+            backoff_max_s: 3600.0,
+            device: None,
+        }
+    }
+}
+
+impl QueueConfig {
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: f64, want: &str| ConfigError::Setting {
+            path: path.to_path_buf(),
+            key: format!("queue.{key}"),
+            message: format!("{value} {want}"),
+        };
+        for (key, v) in [
+            ("lease_s", self.lease_s),
+            ("heartbeat_s", self.heartbeat_s),
+            ("poll_s", self.poll_s),
+            ("backoff_s", self.backoff_s),
+            ("backoff_max_s", self.backoff_max_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(key, v, "must be a positive number of seconds"));
+            }
+        }
+        if self.heartbeat_s >= self.lease_s {
+            return Err(bad("heartbeat_s", self.heartbeat_s, "must be shorter than queue.lease_s"));
+        }
+        if self.max_attempts < 1 {
+            return Err(bad("max_attempts", self.max_attempts as f64, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// `[github]`: the webhook of `runner serve` and the commit statuses posted back.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GithubConfig {
+    /// The webhook secret (`$PARITYBENCH_GITHUB_SECRET`); without it the webhook refuses
+    /// every delivery.
+    pub secret: Option<Secret>,
+    /// A token allowed to write commit statuses (`$PARITYBENCH_GITHUB_TOKEN`); without it
+    /// nothing is posted.
+    pub token: Option<Secret>,
+    /// The REST API root.
+    pub api_url: String,
+    /// The run page a status links to; `{run}` is replaced by the run id.
+    pub run_url: Option<String>,
+    /// The status context, e.g. `paritybench/<engine>`.
+    pub context: String,
+    /// Repository `owner/name` -> the engines a merge or push there queues.
+    pub repos: BTreeMap<String, Vec<String>>,
+    /// Whether a push to a repository's default branch queues a run of the pushed head
+    /// (a merged pull request always does).
+    pub queue_pushes: bool,
+    /// The largest webhook body accepted, bytes (GitHub caps payloads at 25 MB).
+    pub max_body_bytes: usize,
+    /// Priority of the jobs the webhook queues (nightly jobs have 0).
+    pub priority: i64,
+}
+
+impl Default for GithubConfig {
+    fn default() -> GithubConfig {
+        GithubConfig {
+            secret: None,
+            token: None,
+            api_url: "https://api.github.com".to_string(),
+            run_url: None,
+            context: "paritybench".to_string(),
+            repos: BTreeMap::new(),
+            queue_pushes: false,
+            max_body_bytes: 25 * 1024 * 1024,
+            priority: 10,
+        }
+    }
+}
+
+impl GithubConfig {
+    fn check(&self, path: &Path, engines: &BTreeMap<String, EngineConfig>) -> Result<(), ConfigError> {
+        for (repo, names) in &self.repos {
+            if let Some(n) = names.iter().find(|n| !engines.contains_key(*n)) {
+                return Err(ConfigError::Setting {
+                    path: path.to_path_buf(),
+                    key: format!("github.repos.\"{repo}\""),
+                    message: format!("unknown engine `{n}`; configured engines: {}", engine_names(engines)),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `runner nightly` queues jobs for the workers or runs them itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NightlyMode {
+    /// Queue a job per branch head (a fleet of `runner work` picks them up).
+    #[default]
+    Queue,
+    /// Run each branch head here, one after the other (a single GPU box).
+    Run,
+}
+
+/// `[nightly]`: the branch heads measured every night.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NightlyConfig {
+    /// Engine -> branches; default: the default engine's `main`.
+    pub branches: BTreeMap<String, Vec<String>>,
+    pub mode: NightlyMode,
+    /// The device the queued jobs must run on (a kind such as `cuda`, or a full key).
+    pub device: Option<String>,
+}
+
+impl Default for NightlyConfig {
+    fn default() -> NightlyConfig {
+        NightlyConfig { branches: BTreeMap::new(), mode: NightlyMode::Queue, device: None }
+    }
+}
+
+impl NightlyConfig {
+    fn check(&self, path: &Path, engines: &BTreeMap<String, EngineConfig>) -> Result<(), ConfigError> {
+        if let Some(n) = self.branches.keys().find(|n| !engines.contains_key(*n)) {
+            return Err(ConfigError::Setting {
+                path: path.to_path_buf(),
+                key: format!("nightly.branches.{n}"),
+                message: format!("unknown engine `{n}`; configured engines: {}", engine_names(engines)),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn engine_names(engines: &BTreeMap<String, EngineConfig>) -> String {
+    engines.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
 /// True for `scheme://...` and `user@host:path` repository addresses.
@@ -314,7 +518,7 @@ mod tests {
 
     #[test]
     fn shipped_examples_load() {
-        for name in ["apr.example.toml", "paritybench.example.toml"] {
+        for name in ["apr.example.toml", "paritybench.example.toml", "gpu-box.example.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners").join(name);
             let c = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")]))
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -325,5 +529,30 @@ mod tests {
         assert_eq!(c.default_engine, "apr");
         assert_eq!(c.engines["apr"].timeout_s, 900);
         assert!(is_url(c.engines["apr"].repo.as_deref().unwrap()));
+        let gpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("runners/gpu-box.example.toml");
+        let c = Config::load_with(Some(&gpu), env_of(&[("PARITYBENCH_GITHUB_SECRET", "s3cret")])).unwrap();
+        assert_eq!((c.queue.lease_s, c.queue.heartbeat_s), (300.0, 30.0));
+        assert_eq!(c.github.repos["paiml/aprender"], ["apr"]);
+        assert_eq!(c.nightly.mode, NightlyMode::Queue);
+        assert_eq!(c.github.secret.as_ref().map(Secret::expose), Some("s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"), "secrets never show in Debug output");
+    }
+
+    #[test]
+    fn queue_and_github_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        for (text, want) in [
+            ("[queue]\nlease_s = 10\nheartbeat_s = 10\n", "queue.heartbeat_s"),
+            ("[queue]\nmax_attempts = 0\n", "queue.max_attempts"),
+            ("[queue]\npoll_s = -1\n", "queue.poll_s"),
+            ("[github]\nrepos = { \"a/b\" = [\"nope\"] }\n", "unknown engine `nope`"),
+            ("[nightly]\nbranches = { nope = [\"main\"] }\n", "nightly.branches.nope"),
+            ("[nightly]\nmode = \"sometimes\"\n", "sometimes"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load_with(Some(&path), env_of(&[("PARITYBENCH_CACHE", "/c")])).unwrap_err().to_string();
+            assert!(e.contains("r.toml") && e.contains(want), "{text}: {e}");
+        }
     }
 }

@@ -84,6 +84,7 @@ storage_case!(finishing_is_all_or_nothing);
 storage_case!(series_and_dashboard_reads);
 storage_case!(job_queue_leases_and_attempts);
 storage_case!(concurrent_claims_never_share_a_job);
+storage_case!(job_attempts_own_their_runs);
 
 // ------------------------------------------------------------------------- fixtures
 
@@ -531,6 +532,7 @@ async fn job_queue_leases_and_attempts(store: Arc<dyn Store>) {
         max_attempts: 2,
         run_after: t(0),
         dedupe_key: dedupe.map(str::to_string),
+        device_key: None,
     };
     let Enqueued::New(low) = store.enqueue_job(&job("run", 0, None), t(0)).await.unwrap() else { panic!() };
     let Enqueued::New(high) = store.enqueue_job(&job("run", 10, Some("delivery-1")), t(0)).await.unwrap() else {
@@ -610,6 +612,7 @@ async fn concurrent_claims_never_share_a_job(store: Arc<dyn Store>) {
             max_attempts: 3,
             run_after: t(0),
             dedupe_key: None,
+            device_key: None,
         };
         store.enqueue_job(&job, t(0)).await.unwrap();
     }
@@ -798,4 +801,64 @@ async fn time_dashboard(backend: &str, store: &dyn Store) {
     for (p99, name) in results {
         assert!(p99 < 50.0, "{backend}: {name} p99 {p99:.2} ms >= 50 ms");
     }
+}
+
+/// Device matching, runs bound to a job attempt, the sweep that closes a lost attempt's
+/// run, the refusal of a stale attempt's results, delivery de-duplication, and the lookup
+/// that keeps a measurement from being repeated.
+async fn job_attempts_own_their_runs(store: Arc<dyn Store>) {
+    let (engine, commit) = engine_and_commit(store.as_ref(), 7).await;
+    let lease = Duration::from_secs(10);
+    let job = |dedupe: &str, device: Option<&str>| NewJob {
+        kind: "run".into(),
+        payload: serde_json::json!({}),
+        priority: 0,
+        max_attempts: 3,
+        run_after: t(0),
+        dedupe_key: Some(dedupe.to_string()),
+        device_key: device.map(str::to_string),
+    };
+    // 1. a delivery is recorded with its jobs, once
+    let first = store.accept_delivery("d-1", "pull_request", &[job("gpu", Some("cuda"))], t(0)).await.unwrap();
+    let Some(&[Enqueued::New(gpu_job)]) = first.as_deref() else { panic!("{first:?}") };
+    assert_eq!(store.accept_delivery("d-1", "pull_request", &[job("other", None)], t(1)).await.unwrap(), None);
+    assert_eq!(store.job(gpu_job).await.unwrap().unwrap().device_key.as_deref(), Some("cuda"));
+
+    // 2. a job for `cuda` is claimed by a GPU worker only
+    assert_eq!(store.claim_job_for("cpu-box", &[], Some(&cpu().key()), lease, t(1)).await.unwrap(), None);
+    let a = store.claim_job_for("gpu-box", &[], Some(&h100().key()), lease, t(1)).await.unwrap().unwrap();
+    assert_eq!(a.id, gpu_job);
+
+    // 3. its run is bound to the attempt; a lost lease closes the run, and the next
+    // attempt's run refuses results once that attempt has failed
+    let run = store.create_run(&new_run(engine, commit, h100(), vec![])).await.unwrap();
+    assert!(!store.bind_run_to_attempt(run, a.id, "not-the-token").await.unwrap());
+    assert!(store.bind_run_to_attempt(run, a.id, &a.token).await.unwrap());
+    let b = store.claim_job_for("gpu-box-2", &[], Some(&h100().key()), lease, t(20)).await.unwrap().unwrap();
+    assert_eq!((b.id, b.attempt), (gpu_job, 2));
+    let closed = store.run(run).await.unwrap().unwrap();
+    assert_eq!(closed.status, RunStatus::Errored);
+    assert!(closed.error.as_deref().unwrap().contains("lost its lease"), "{:?}", closed.error);
+    assert_eq!(closed.job_id, Some(gpu_job));
+    let passed = RunResults { status: RunStatus::Passed, error: None, ..RunResults::errored("") };
+    assert!(matches!(store.finish_run(run, &passed).await, Err(StoreError::InvalidTransition { .. })));
+    let run2 = store.create_run(&new_run(engine, commit, h100(), vec![])).await.unwrap();
+    assert!(store.bind_run_to_attempt(run2, b.id, &b.token).await.unwrap());
+    assert!(store.fail_job(b.id, &b.token, "git fetch failed", t(30), t(21)).await.unwrap());
+    let e = store.finish_run(run2, &passed).await.unwrap_err();
+    assert!(matches!(e, StoreError::LeaseLost { run, job } if run == run2 && job == gpu_job), "{e}");
+    assert!(!store.bind_run_to_attempt(run2, b.id, &b.token).await.unwrap(), "the failed attempt holds nothing");
+    assert_eq!(store.run(run2).await.unwrap().unwrap().status, RunStatus::Running, "nothing was written");
+    let c = store.claim_job_for("gpu-box", &[], Some(&h100().key()), lease, t(31)).await.unwrap().unwrap();
+    let run3 = store.create_run(&new_run(engine, commit, h100(), vec![])).await.unwrap();
+    assert!(store.bind_run_to_attempt(run3, c.id, &c.token).await.unwrap());
+    store.finish_run(run3, &passed).await.unwrap();
+    assert_eq!(store.job_runs(gpu_job).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [run, run2, run3]);
+
+    // 4. what was measured is found by (engine, commit, suite, device)
+    let sha7 = sha(7);
+    assert_eq!(store.measured_run("paritybench", &sha7, "bundled", &h100().key()).await.unwrap(), Some(run3));
+    assert_eq!(store.measured_run("paritybench", &sha7, "bundled", &cpu().key()).await.unwrap(), None);
+    assert_eq!(store.measured_run("paritybench", &sha7, "other-suite", &h100().key()).await.unwrap(), None);
+    assert_eq!(store.measured_run("paritybench", &sha(8), "bundled", &h100().key()).await.unwrap(), None);
 }

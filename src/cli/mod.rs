@@ -6,7 +6,9 @@
 mod compare;
 mod engine;
 mod fixtures;
+mod nightly;
 mod once;
+mod work;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +48,10 @@ enum Command {
     Engine(engine::Command),
     /// Build an engine at a commit, run the suite, judge it against contracts, record it.
     Once(once::Args),
+    /// Resolve each configured branch head, queue it (or run it here), and report.
+    Nightly(nightly::Args),
+    /// A worker: claim queued jobs matching this device and run them, until stopped.
+    Work(work::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -64,6 +70,8 @@ pub fn main() -> i32 {
         Command::Fixtures(cmd) => fixtures::run(cmd),
         Command::Engine(cmd) => engine::run(cmd),
         Command::Once(args) => once::run(args),
+        Command::Nightly(args) => nightly::run(args),
+        Command::Work(args) => work::run(args),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

@@ -541,7 +541,7 @@ fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
 }
 
 /// `cpu|<CPU model>` (GPU fingerprints come with the CUDA backend).
-fn device_key(device: &str) -> String {
+pub fn device_key(device: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

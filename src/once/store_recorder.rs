@@ -17,13 +17,16 @@ use std::sync::Arc;
 
 use super::record::{self, NewRunRecord, RecordError, Recorder, RunRecord, RunResults};
 use crate::contracts::{ContractRef, Outcome, Severity};
-use crate::store::{self, CommitSha, DeviceFingerprint, NewCommit, NewRun, RunId, RunStatus, Store, Trigger};
+use crate::store::{self, CommitSha, DeviceFingerprint, JobId, NewCommit, NewRun, RunId, RunStatus, Store, Trigger};
 
 /// Records runs in a [`Store`], driving its async API from this synchronous command.
 pub struct StoreRecorder {
     store: Arc<dyn Store>,
-    rt: tokio::runtime::Runtime,
+    rt: Exec,
     data_dir: PathBuf,
+    trigger: Trigger,
+    /// The job attempt (job, attempt token) the runs belong to, for the job queue's worker.
+    attempt: Option<(JobId, String)>,
 }
 
 impl StoreRecorder {
@@ -34,11 +37,58 @@ impl StoreRecorder {
             .build()
             .map_err(|source| RecordError::Io { path: data_dir.to_path_buf(), source })?;
         let store = rt.block_on(store::connect(url)).map_err(|e| RecordError::Store(e.to_string()))?;
-        Ok(StoreRecorder { store, rt, data_dir: data_dir.to_path_buf() })
+        Ok(StoreRecorder {
+            store,
+            rt: Exec::Own(rt),
+            data_dir: data_dir.to_path_buf(),
+            trigger: Trigger::Cli,
+            attempt: None,
+        })
+    }
+
+    /// Records into an open `store` driven by the runtime of `handle`, from a thread that may
+    /// block (the job queue's worker calls `runner once`'s code in `spawn_blocking`).
+    pub fn on_store(store: Arc<dyn Store>, handle: tokio::runtime::Handle, data_dir: &Path) -> StoreRecorder {
+        StoreRecorder {
+            store,
+            rt: Exec::Handle(handle),
+            data_dir: data_dir.to_path_buf(),
+            trigger: Trigger::Cli,
+            attempt: None,
+        }
+    }
+
+    /// Records runs as started by `trigger` (default: the command line).
+    pub fn with_trigger(mut self, trigger: Trigger) -> StoreRecorder {
+        self.trigger = trigger;
+        self
+    }
+
+    /// Ties every run to the job attempt holding `token`: the store refuses its results once
+    /// that attempt has lost the job's lease.
+    pub fn for_attempt(mut self, job: JobId, token: &str) -> StoreRecorder {
+        self.attempt = Some((job, token.to_string()));
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+}
+
+/// The runtime the store's futures are driven on: this recorder's own (the `runner once`
+/// command), or the caller's (a worker thread of the service).
+enum Exec {
+    Own(tokio::runtime::Runtime),
+    Handle(tokio::runtime::Handle),
+}
+
+impl Exec {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            Exec::Own(rt) => rt.block_on(f),
+            Exec::Handle(h) => h.block_on(f),
+        }
     }
 }
 
@@ -75,6 +125,7 @@ impl Recorder for StoreRecorder {
     fn create_run(&mut self, run: &NewRunRecord) -> Result<i64, RecordError> {
         let store = self.store.clone();
         let sha = CommitSha::parse(&run.commit_sha).map_err(err)?;
+        let (trigger, attempt) = (self.trigger, self.attempt.clone());
         self.rt.block_on(async move {
             let engine = store.upsert_engine(&run.engine, run.repo.as_deref()).await.map_err(err)?;
             let commit = NewCommit {
@@ -88,7 +139,7 @@ impl Recorder for StoreRecorder {
                 engine_id: engine.id,
                 commit_id: commit.id,
                 status: RunStatus::Running,
-                trigger: Trigger::Cli,
+                trigger,
                 suite: run.suite.clone(),
                 device: device(&run.device_key),
                 host: run.host.clone(),
@@ -97,7 +148,15 @@ impl Recorder for StoreRecorder {
                 log_path: None,
                 job_id: None,
             };
-            Ok(store.create_run(&new).await.map_err(err)?.0)
+            let id = store.create_run(&new).await.map_err(err)?;
+            if let Some((job, token)) = &attempt {
+                if !store.bind_run_to_attempt(id, *job, token).await.map_err(err)? {
+                    let lost = store::StoreError::LeaseLost { run: id, job: *job };
+                    let _ = store.finish_run(id, &store::RunResults::errored(lost.to_string())).await;
+                    return Err(err(lost));
+                }
+            }
+            Ok(id.0)
         })
     }
 

@@ -77,7 +77,7 @@ pub(crate) const RUN_STATUS: &str = "SELECT status FROM runs WHERE id = $1";
 
 /// What finishing a run needs to know about it (read inside the write transaction).
 pub(crate) const RUN_FOR_FINISH: &str = "\
-SELECT r.status, r.engine_id, r.device_key, r.contracts, c.generation
+SELECT r.status, r.engine_id, r.device_key, r.contracts, c.generation, r.job_id, r.attempt_token
 FROM runs r JOIN commits c ON c.id = r.commit_id WHERE r.id = $1";
 
 pub(crate) const UPSERT_SERIES: &str = "\
@@ -94,7 +94,7 @@ ON CONFLICT (run_id, series_id) DO NOTHING";
 pub(crate) const FINISH_RUN: &str = "\
 UPDATE runs SET status = $2, error = $3, timings = $4, finished_ms = $5,
                 started_ms = COALESCE(started_ms, $5)
-WHERE id = $1";
+WHERE id = $1 AND status IN ('queued', 'running')";
 
 pub(crate) const INSERT_MEASUREMENTS: &str =
     "INSERT INTO measurements (run_id, series_id, model, reference, prompt, metric, statistic, value) ";
@@ -179,12 +179,30 @@ ORDER BY rs.generation DESC, rs.run_id DESC
 LIMIT $4";
 
 pub(crate) const ENQUEUE_JOB: &str = "\
-INSERT INTO jobs (kind, payload, priority, status, attempts, max_attempts, run_after_ms, dedupe_key, created_ms)
-VALUES ($1, $2, $3, 'queued', 0, $4, $5, $6, $7)
+INSERT INTO jobs (kind, payload, priority, status, attempts, max_attempts, run_after_ms, dedupe_key, created_ms,
+                  device_key)
+VALUES ($1, $2, $3, 'queued', 0, $4, $5, $6, $7, $8)
 ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id";
 
 pub(crate) const JOB_BY_DEDUPE_KEY: &str = "SELECT id FROM jobs WHERE dedupe_key = $1";
+
+/// The jobs whose lease expired, locked first (on PostgreSQL) so that a sweep and a run
+/// being finished always take the job row before the run row and never deadlock.
+pub(crate) const SWEEP_LOCK_EXPIRED: &str =
+    "SELECT id FROM jobs WHERE status = 'running' AND lease_expires_ms < $1 ORDER BY id";
+
+/// Finishes the unfinished runs of expired leases as errored: their worker is gone (or
+/// paused) and must not be able to write them later.
+pub(crate) const SWEEP_EXPIRED_RUNS: &str = "\
+UPDATE runs SET
+    status = 'errored',
+    error = 'the worker lost its lease on job ' || CAST(job_id AS TEXT)
+            || ' (lease expired: it died, hung or was paused); the job went back to the queue',
+    finished_ms = $1,
+    started_ms = COALESCE(started_ms, $1)
+WHERE status IN ('queued', 'running') AND attempt_token IS NOT NULL
+  AND job_id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_ms < $1)";
 
 /// Returns the jobs of expired leases to the queue, or kills them when out of attempts.
 pub(crate) const SWEEP_EXPIRED_LEASES: &str = "\
@@ -202,6 +220,14 @@ UPDATE jobs SET status = 'running', attempts = attempts + 1, attempt_token = $1,
                 lease_expires_ms = $3, heartbeat_ms = $4
 WHERE id = (
     SELECT id FROM jobs WHERE status = 'queued' AND run_after_ms <= $4";
+
+/// The device filter of a claim; `{d}` is the placeholder of the worker's device key.
+pub(crate) fn claim_device_filter(d: &str) -> String {
+    format!(
+        " AND (device_key IS NULL OR device_key = {d} \
+         OR substr({d}, 1, length(device_key) + 1) = device_key || '|')"
+    )
+}
 
 pub(crate) const CLAIM_JOB_TAIL: &str = " ORDER BY priority DESC, run_after_ms, id LIMIT 1";
 
@@ -228,12 +254,30 @@ WHERE id = $4 AND attempt_token = $5 AND status = 'running'";
 
 pub(crate) const SELECT_JOB: &str = "\
 SELECT id, kind, payload, priority, status, attempts, max_attempts, run_after_ms, lease_expires_ms,
-       worker, last_error, dedupe_key
+       worker, last_error, dedupe_key, device_key
 FROM jobs WHERE id = $1";
+
+pub(crate) const BIND_RUN_TO_ATTEMPT: &str = "\
+UPDATE runs SET job_id = $2, attempt_token = $3
+WHERE id = $1 AND status IN ('queued', 'running')
+  AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND attempt_token = $3 AND status = 'running')";
+
+/// Who holds a job now (read, and on PostgreSQL locked, when finishing one of its runs).
+pub(crate) const JOB_HOLDER: &str = "SELECT status, attempt_token FROM jobs WHERE id = $1";
+
+pub(crate) const INSERT_DELIVERY: &str = "\
+INSERT INTO webhook_deliveries (delivery_id, event, received_ms) VALUES ($1, $2, $3)
+ON CONFLICT (delivery_id) DO NOTHING
+RETURNING delivery_id";
+
+pub(crate) const MEASURED_RUN: &str = "\
+SELECT r.id FROM runs r JOIN engines e ON e.id = r.engine_id JOIN commits c ON c.id = r.commit_id
+WHERE e.name = $1 AND c.sha = $2 AND r.suite = $3 AND r.device_key = $4 AND r.status IN ('passed', 'failed')
+ORDER BY r.id DESC LIMIT 1";
 
 /// Implements [`Store`](super::Store) for a backend struct with a `pool: sqlx::Pool<$db>`
 /// field, a `url: String` field (redacted), `async fn begin_write(&self)` and a
-/// `CLAIM_LOCK: &str` associated constant.
+/// `CLAIM_LOCK` and `ROW_LOCK` `&str` associated constants.
 macro_rules! impl_store {
     ($store:ty, $db:ty, $backend:expr) => {
         type DbRow = <$db as sqlx::Database>::Row;
@@ -427,11 +471,45 @@ macro_rules! impl_store {
                 worker: col(row, "worker")?,
                 last_error: col(row, "last_error")?,
                 dedupe_key: col(row, "dedupe_key")?,
+                device_key: col(row, "device_key")?,
             })
         }
 
         fn lease_ms(lease: std::time::Duration) -> i64 {
             i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4)
+        }
+
+        /// Adds a job inside a write transaction unless its dedupe key is taken.
+        async fn enqueue_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            job: &$crate::store::NewJob,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<$crate::store::Enqueued, $crate::store::StoreError> {
+            use $crate::store::*;
+            let doing = "enqueueing a job";
+            let id: Option<i64> = sqlx::query_scalar($crate::store::common::ENQUEUE_JOB)
+                .bind(job.kind.as_str())
+                .bind(to_json(&job.payload))
+                .bind(job.priority)
+                .bind(job.max_attempts.max(1))
+                .bind(to_ms(job.run_after))
+                .bind(job.dedupe_key.as_deref())
+                .bind(to_ms(now))
+                .bind(job.device_key.as_deref())
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(query_err(doing))?;
+            Ok(match id {
+                Some(id) => Enqueued::New(JobId(id)),
+                None => {
+                    let id: i64 = sqlx::query_scalar($crate::store::common::JOB_BY_DEDUPE_KEY)
+                        .bind(job.dedupe_key.as_deref())
+                        .fetch_one(&mut **tx)
+                        .await
+                        .map_err(query_err(doing))?;
+                    Enqueued::Duplicate(JobId(id))
+                }
+            })
         }
 
         /// Inserts one run's rows of one table in chunks of multi-row INSERTs.
@@ -648,6 +726,24 @@ macro_rules! impl_store {
                     parse_json("runs.contracts", col(&row, "contracts")?)?;
                 let generation: i64 = col(&row, "generation")?;
                 let contract_key = contract_key(&contracts);
+                // A run of a job attempt is written only while that attempt holds the job
+                // (the job row is locked first, as the lease sweep does).
+                let attempt: Option<String> = col(&row, "attempt_token")?;
+                if let (Some(attempt), Some(job)) = (attempt, col::<Option<i64>>(&row, "job_id")?) {
+                    let sql = format!("{}{}", $crate::store::common::JOB_HOLDER, <$store>::ROW_LOCK);
+                    let holder =
+                        sqlx::query(&sql).bind(job).fetch_optional(&mut *tx).await.map_err(query_err(doing))?;
+                    let holds = match &holder {
+                        Some(h) => {
+                            col::<String>(h, "status")? == "running"
+                                && col::<Option<String>>(h, "attempt_token")?.as_deref() == Some(attempt.as_str())
+                        }
+                        None => false,
+                    };
+                    if !holds {
+                        return Err(StoreError::LeaseLost { run: id, job: JobId(job) });
+                    }
+                }
 
                 // 2. One series point per (model, reference).
                 let mut series_of: BTreeMap<(&str, &str), i64> = BTreeMap::new();
@@ -732,7 +828,7 @@ macro_rules! impl_store {
                 .await?;
 
                 // 4. The final status, last.
-                sqlx::query($crate::store::common::FINISH_RUN)
+                let finished = sqlx::query($crate::store::common::FINISH_RUN)
                     .bind(id.0)
                     .bind(results.status.as_str())
                     .bind(results.error.as_deref())
@@ -740,7 +836,15 @@ macro_rules! impl_store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(query_err(doing))?;
+                    .map_err(query_err(doing))?
+                    .rows_affected();
+                if finished != 1 {
+                    return Err(StoreError::InvalidTransition {
+                        run: id,
+                        from: RunStatus::Errored,
+                        to: results.status,
+                    });
+                }
                 tx.commit().await.map_err(query_err(doing))?;
                 Ok(())
             }
@@ -902,39 +1006,97 @@ macro_rules! impl_store {
                 job: &$crate::store::NewJob,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::Enqueued, $crate::store::StoreError> {
-                use $crate::store::*;
-                let doing = "enqueueing a job";
                 let mut tx = self.begin_write().await?;
-                let id: Option<i64> = sqlx::query_scalar($crate::store::common::ENQUEUE_JOB)
-                    .bind(job.kind.as_str())
-                    .bind(to_json(&job.payload))
-                    .bind(job.priority)
-                    .bind(job.max_attempts.max(1))
-                    .bind(to_ms(job.run_after))
-                    .bind(job.dedupe_key.as_deref())
-                    .bind(to_ms(now))
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(query_err(doing))?;
-                let out = match id {
-                    Some(id) => Enqueued::New(JobId(id)),
-                    None => {
-                        let id: i64 = sqlx::query_scalar($crate::store::common::JOB_BY_DEDUPE_KEY)
-                            .bind(job.dedupe_key.as_deref())
-                            .fetch_one(&mut *tx)
-                            .await
-                            .map_err(query_err(doing))?;
-                        Enqueued::Duplicate(JobId(id))
-                    }
-                };
-                tx.commit().await.map_err(query_err(doing))?;
+                let out = enqueue_in(&mut tx, job, now).await?;
+                tx.commit().await.map_err($crate::store::query_err("enqueueing a job"))?;
                 Ok(out)
             }
 
-            async fn claim_job(
+            async fn accept_delivery(
+                &self,
+                delivery_id: &str,
+                event: &str,
+                jobs: &[$crate::store::NewJob],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<Vec<$crate::store::Enqueued>>, $crate::store::StoreError> {
+                let doing = "recording a webhook delivery";
+                let mut tx = self.begin_write().await?;
+                let new: Option<String> = sqlx::query_scalar($crate::store::common::INSERT_DELIVERY)
+                    .bind(delivery_id)
+                    .bind(event)
+                    .bind($crate::store::to_ms(now))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err($crate::store::query_err(doing))?;
+                if new.is_none() {
+                    return Ok(None);
+                }
+                let mut out = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    out.push(enqueue_in(&mut tx, job, now).await?);
+                }
+                tx.commit().await.map_err($crate::store::query_err(doing))?;
+                Ok(Some(out))
+            }
+
+            async fn bind_run_to_attempt(
+                &self,
+                run: $crate::store::RunId,
+                job: $crate::store::JobId,
+                token: &str,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let doing = "binding a run to a job attempt";
+                let mut tx = self.begin_write().await?;
+                let n = sqlx::query($crate::store::common::BIND_RUN_TO_ATTEMPT)
+                    .bind(run.0)
+                    .bind(job.0)
+                    .bind(token)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err($crate::store::query_err(doing))?
+                    .rows_affected();
+                tx.commit().await.map_err($crate::store::query_err(doing))?;
+                Ok(n == 1)
+            }
+
+            async fn measured_run(
+                &self,
+                engine: &str,
+                sha: &$crate::store::CommitSha,
+                suite: &str,
+                device_key: &str,
+            ) -> Result<Option<$crate::store::RunId>, $crate::store::StoreError> {
+                let id: Option<i64> = sqlx::query_scalar($crate::store::common::MEASURED_RUN)
+                    .bind(engine)
+                    .bind(sha.as_str())
+                    .bind(suite)
+                    .bind(device_key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("looking for a finished measurement"))?;
+                Ok(id.map($crate::store::RunId))
+            }
+
+            async fn job_runs(
+                &self,
+                job: $crate::store::JobId,
+            ) -> Result<Vec<$crate::store::Run>, $crate::store::StoreError> {
+                let sql = format!("{} WHERE r.job_id = $1 ORDER BY r.id", $crate::store::common::SELECT_RUN);
+                sqlx::query(&sql)
+                    .bind(job.0)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading a job's runs"))?
+                    .iter()
+                    .map(run_from)
+                    .collect()
+            }
+
+            async fn claim_job_for(
                 &self,
                 worker: &str,
                 kinds: &[String],
+                device_key: Option<&str>,
                 lease: std::time::Duration,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Option<$crate::store::ClaimedJob>, $crate::store::StoreError> {
@@ -943,16 +1105,22 @@ macro_rules! impl_store {
                 let now = to_ms(now);
                 let token = $crate::store::common::attempt_token(worker, now);
                 let mut tx = self.begin_write().await?;
-                sqlx::query($crate::store::common::SWEEP_EXPIRED_LEASES)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_err(doing))?;
+                let lock = format!("{}{}", $crate::store::common::SWEEP_LOCK_EXPIRED, <$store>::ROW_LOCK);
+                for sql in [
+                    lock.as_str(),
+                    $crate::store::common::SWEEP_EXPIRED_RUNS,
+                    $crate::store::common::SWEEP_EXPIRED_LEASES,
+                ] {
+                    sqlx::query(sql).bind(now).execute(&mut *tx).await.map_err(query_err(doing))?;
+                }
                 let mut sql = String::from($crate::store::common::CLAIM_JOB_HEAD);
                 if !kinds.is_empty() {
                     // Placeholders continue after the head's $1..$4.
                     let list: Vec<String> = (0..kinds.len()).map(|i| format!("${}", 5 + i)).collect();
                     sql.push_str(&format!(" AND kind IN ({})", list.join(", ")));
+                }
+                if device_key.is_some() {
+                    sql.push_str(&$crate::store::common::claim_device_filter(&format!("${}", 5 + kinds.len())));
                 }
                 sql.push_str($crate::store::common::CLAIM_JOB_TAIL);
                 sql.push_str(<$store>::CLAIM_LOCK);
@@ -964,6 +1132,9 @@ macro_rules! impl_store {
                     .bind(now);
                 for k in kinds {
                     q = q.bind(k.as_str());
+                }
+                if let Some(d) = device_key {
+                    q = q.bind(d);
                 }
                 let row = q.fetch_optional(&mut *tx).await.map_err(query_err(doing))?;
                 let claimed = match row {

@@ -487,6 +487,9 @@ pub struct NewJob {
     pub run_after: DateTime<Utc>,
     /// A job with the same key is not enqueued twice (e.g. a GitHub delivery id).
     pub dedupe_key: Option<String>,
+    /// The device the job must run on: `None` anywhere; a device kind (`cuda`, `cpu`) any
+    /// device of that kind; a full [`DeviceFingerprint::key`] that device only.
+    pub device_key: Option<String>,
 }
 
 /// What [`Store::enqueue_job`] did.
@@ -527,6 +530,8 @@ pub struct Job {
     pub worker: Option<String>,
     pub last_error: Option<String>,
     pub dedupe_key: Option<String>,
+    /// See [`NewJob::device_key`].
+    pub device_key: Option<String>,
 }
 
 /// Which backend a store runs on.
@@ -555,6 +560,8 @@ pub enum StoreError {
     InvalidTransition { run: RunId, from: RunStatus, to: RunStatus },
     #[error("invalid {field} `{value}`: expected {expected}")]
     Invalid { field: &'static str, value: String, expected: &'static str },
+    #[error("run {run} belongs to an attempt at job {job} that lost its lease; a newer attempt owns the job")]
+    LeaseLost { run: RunId, job: JobId },
     #[error("stored {column} holds `{value}`, which this version cannot read")]
     Corrupt { column: &'static str, value: String },
 }
@@ -619,7 +626,46 @@ pub trait Store: Send + Sync + fmt::Debug {
         kinds: &[String],
         lease: Duration,
         now: DateTime<Utc>,
+    ) -> Result<Option<ClaimedJob>, StoreError> {
+        self.claim_job_for(worker, kinds, None, lease, now).await
+    }
+    /// [`Store::claim_job`] for a worker on the device `device_key` (a full fingerprint key):
+    /// only jobs that may run there (see [`NewJob::device_key`]); `None` claims any job.
+    /// Before claiming, the unfinished runs of every expired lease are finished as
+    /// `errored` (the worker that held it is gone or paused), so they are never left
+    /// `running` and their worker can no longer write to them.
+    async fn claim_job_for(
+        &self,
+        worker: &str,
+        kinds: &[String],
+        device_key: Option<&str>,
+        lease: Duration,
+        now: DateTime<Utc>,
     ) -> Result<Option<ClaimedJob>, StoreError>;
+    /// Ties a run to the job attempt that holds `token`: from then on [`Store::finish_run`]
+    /// refuses to write it ([`StoreError::LeaseLost`]) unless that attempt still holds the
+    /// job. False when the attempt no longer holds the lease (nothing is changed).
+    async fn bind_run_to_attempt(&self, run: RunId, job: JobId, token: &str) -> Result<bool, StoreError>;
+    /// Records a webhook delivery and enqueues its jobs in one transaction; `None` (and
+    /// nothing enqueued) when the delivery was seen before.
+    async fn accept_delivery(
+        &self,
+        delivery_id: &str,
+        event: &str,
+        jobs: &[NewJob],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Enqueued>>, StoreError>;
+    /// The newest passed or failed run of `engine` at `sha` on `suite` and device
+    /// `device_key`: the measurement a job need not repeat.
+    async fn measured_run(
+        &self,
+        engine: &str,
+        sha: &CommitSha,
+        suite: &str,
+        device_key: &str,
+    ) -> Result<Option<RunId>, StoreError>;
+    /// Every run made by attempts at a job, oldest first.
+    async fn job_runs(&self, job: JobId) -> Result<Vec<Run>, StoreError>;
     /// Extends a lease; false when the lease was lost (expired and taken over, or finished).
     async fn heartbeat_job(
         &self,

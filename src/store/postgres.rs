@@ -15,8 +15,10 @@ use super::{Backend, StoreError, query_err, redact};
 
 /// The embedded migrations, `(version, description, sql)`; one entry per file in
 /// `migrations/postgres/` (a unit test checks).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, "queue", include_str!("../../migrations/postgres/0002_queue.sql")),
+];
 
 /// A [`Store`](super::Store) on PostgreSQL.
 #[derive(Debug, Clone)]
@@ -48,6 +50,9 @@ impl PgStore {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// The job row a sweep or a finishing run reads is locked until the transaction ends.
+    const ROW_LOCK: &'static str = " FOR UPDATE";
 
     /// Workers skip rows another worker is claiming instead of waiting for them.
     const CLAIM_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";

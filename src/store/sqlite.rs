@@ -17,8 +17,10 @@ use super::{Backend, StoreError, query_err};
 
 /// The embedded migrations, `(version, description, sql)`; one entry per file in
 /// `migrations/sqlite/` (a unit test checks).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, "queue", include_str!("../../migrations/sqlite/0002_queue.sql")),
+];
 
 /// Where a SQLite database lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +89,9 @@ impl SqliteStore {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// SQLite writes one transaction at a time: rows need no lock of their own.
+    const ROW_LOCK: &'static str = "";
 
     /// SQLite has one writer at a time; there is no row lock to add to a job claim.
     const CLAIM_LOCK: &'static str = "";
