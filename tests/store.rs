@@ -841,7 +841,8 @@ async fn job_attempts_own_their_runs(store: Arc<dyn Store>) {
     assert!(closed.error.as_deref().unwrap().contains("lost its lease"), "{:?}", closed.error);
     assert_eq!(closed.job_id, Some(gpu_job));
     let passed = RunResults { status: RunStatus::Passed, error: None, ..RunResults::errored("") };
-    assert!(matches!(store.finish_run(run, &passed).await, Err(StoreError::InvalidTransition { .. })));
+    let e = store.finish_run(run, &passed).await.unwrap_err();
+    assert!(matches!(e, StoreError::LeaseLost { run: r, job } if r == run && job == gpu_job), "{e}");
     let run2 = store.create_run(&new_run(engine, commit, h100(), vec![])).await.unwrap();
     assert!(store.bind_run_to_attempt(run2, b.id, &b.token).await.unwrap());
     assert!(store.fail_job(b.id, &b.token, "git fetch failed", t(30), t(21)).await.unwrap());

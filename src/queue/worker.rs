@@ -252,7 +252,7 @@ impl Worker {
                 Ok(JobOutcome::Measured { run: RunId(o.run_id), status: o.status })
             }
             Err(e) if is_lease_lost(&e) || lost.load(Ordering::SeqCst) => {
-                Ok(JobOutcome::LeaseLost { error: format!("{e:#}") })
+                Ok(JobOutcome::LeaseLost { error: error_chain(&e) })
             }
             Err(e) => self.failed(job, Some(&payload), error_chain(&e)).await,
         }

@@ -709,23 +709,13 @@ macro_rules! impl_store {
                 let now = to_ms(chrono::Utc::now());
                 let mut tx = self.begin_write().await?;
 
-                // 1. The run must exist and not be finished.
+                // 1. The run must exist, belong to no lost attempt, and not be finished.
                 let row = sqlx::query($crate::store::common::RUN_FOR_FINISH)
                     .bind(id.0)
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(query_err(doing))?
                     .ok_or(StoreError::NotFound { what: "run", id: id.0 })?;
-                let from = parse_text("runs.status", col(&row, "status")?, RunStatus::parse)?;
-                if from.is_finished() {
-                    return Err(StoreError::InvalidTransition { run: id, from, to: results.status });
-                }
-                let engine_id: i64 = col(&row, "engine_id")?;
-                let device_key: String = col(&row, "device_key")?;
-                let contracts: Vec<$crate::contracts::ContractRef> =
-                    parse_json("runs.contracts", col(&row, "contracts")?)?;
-                let generation: i64 = col(&row, "generation")?;
-                let contract_key = contract_key(&contracts);
                 // A run of a job attempt is written only while that attempt holds the job
                 // (the job row is locked first, as the lease sweep does).
                 let attempt: Option<String> = col(&row, "attempt_token")?;
@@ -744,6 +734,16 @@ macro_rules! impl_store {
                         return Err(StoreError::LeaseLost { run: id, job: JobId(job) });
                     }
                 }
+                let from = parse_text("runs.status", col(&row, "status")?, RunStatus::parse)?;
+                if from.is_finished() {
+                    return Err(StoreError::InvalidTransition { run: id, from, to: results.status });
+                }
+                let engine_id: i64 = col(&row, "engine_id")?;
+                let device_key: String = col(&row, "device_key")?;
+                let contracts: Vec<$crate::contracts::ContractRef> =
+                    parse_json("runs.contracts", col(&row, "contracts")?)?;
+                let generation: i64 = col(&row, "generation")?;
+                let contract_key = contract_key(&contracts);
 
                 // 2. One series point per (model, reference).
                 let mut series_of: BTreeMap<(&str, &str), i64> = BTreeMap::new();
