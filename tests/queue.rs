@@ -624,3 +624,76 @@ async fn a_worker_reports_pending_then_the_verdict_and_never_waits_for_github() 
     assert!(matches!(tick, Tick::Ran { outcome: JobOutcome::Measured { .. }, .. }), "{tick:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+// ------------------------------------------------------------------------- nightly
+
+impl World {
+    /// `runner nightly` as a real process: (exit code, stdout, stderr).
+    fn nightly(&self, extra: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args(["nightly", "--db", &self.db, "--config"])
+            .arg(self.root().join("runner.toml"))
+            .args(extra)
+            .current_dir(self.root())
+            .env("PARITYBENCH_CACHE", self.root().join("cache"))
+            .env("PARITYBENCH_DATA", self.root().join("data"))
+            .env_remove("PARITYBENCH_DB")
+            .env_remove("PARITYBENCH_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nightly_queues_or_runs_each_branch_head_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, url) = queue_support::fresh_sqlite(dir.path()).await;
+    let w = World::new(&url, "[nightly]\nbranches = { toy = [\"main\"] }\n");
+    let head = w.sha("c6").to_string();
+    let json = |s: &str| -> serde_json::Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}")) };
+
+    // 1. queued, then already queued
+    let (code, out, err) = w.nightly(&["--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let items = json(&out);
+    assert_eq!(items[0]["engine"], "toy");
+    assert_eq!(items[0]["branch"], "main");
+    assert_eq!(items[0]["commit"], head.as_str());
+    assert_eq!(items[0]["action"], "queued", "{out}");
+    let job = JobId(items[0]["job"].as_i64().unwrap());
+    let payload: RunJob = serde_json::from_value(store.job(job).await.unwrap().unwrap().payload).unwrap();
+    assert_eq!((payload.trigger, payload.commit.to_string()), (Trigger::Nightly, head.clone()));
+    let (code, out, _) = w.nightly(&["--json"]);
+    assert_eq!((code, json(&out)[0]["action"].as_str()), (0, Some("already_queued")), "{out}");
+
+    // 2. run here: measured and recorded as a nightly run; then already measured
+    let (code, out, err) = w.nightly(&["--run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("toy") && out.contains(&head[..12]) && out.contains(": passed"), "{out}");
+    let runs = store.recent_runs(10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        (runs[0].trigger, runs[0].status, runs[0].commit_sha.to_string()),
+        (Trigger::Nightly, RunStatus::Passed, head.clone())
+    );
+    let (code, out, _) = w.nightly(&["--run", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json(&out)[0]["action"], "already_measured", "{out}");
+    assert_eq!(json(&out)[0]["run"], runs[0].id.0);
+
+    // 3. a branch that does not exist is reported, and the exit code says so
+    std::fs::write(
+        w.root().join("runner.toml"),
+        std::fs::read_to_string(w.root().join("runner.toml")).unwrap().replace("[\"main\"]", "[\"main\", \"nope\"]"),
+    )
+    .unwrap();
+    let (code, out, err) = w.nightly(&[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("nope") && out.contains("could not run") && out.contains("does not name a commit"), "{out}");
+    assert!(err.contains("1 of 2 branch head(s) could not be measured"), "{err}");
+}
