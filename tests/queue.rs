@@ -259,16 +259,21 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
 }
 
-/// Stops a worker the way systemd does (SIGTERM) and reaps it.
+/// Stops a worker the way systemd does (SIGTERM), reaps it, and checks it exited cleanly.
 fn stop(mut child: Child) {
     signal(&child, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if Instant::now() > deadline {
             child.kill().unwrap();
+            panic!("the worker did not stop within 30 s of SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    assert!(status.success(), "the worker exits 0 on SIGTERM: {status}");
 }
 
 /// Polls `check` until it gives a value, failing after `limit` with `what` and the logs.

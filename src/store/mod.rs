@@ -16,7 +16,12 @@
 //!
 //! The job queue of `runner serve` / `runner work` lives in the same database: jobs with a
 //! kind, a JSON payload, a priority, attempts, a lease with heartbeats and an attempt token
-//! (PostgreSQL claims with `FOR UPDATE SKIP LOCKED`, SQLite inside an immediate transaction).
+//! (PostgreSQL claims with `FOR UPDATE SKIP LOCKED`, SQLite inside an immediate transaction),
+//! and the device they must run on. A run made by a job attempt is bound to that attempt
+//! ([`Store::bind_run_to_attempt`]): when the lease expires, the next claim finishes the run
+//! as `errored`, and [`Store::finish_run`] refuses the old attempt's results
+//! ([`StoreError::LeaseLost`]). GitHub webhook deliveries are recorded with the jobs they
+//! queue, in one transaction, so a redelivery queues nothing ([`Store::accept_delivery`]).
 //!
 //! Values that are NaN are stored as NULL (SQLite cannot store NaN) and read back as NaN.
 
