@@ -3,12 +3,17 @@
 # PARITYBENCH_TEST_PG_URL is set, PostgreSQL: new deliveries (verify, record, enqueue),
 # redeliveries (verify, found, nothing queued) and bad signatures (refused before any
 # database work). Usage: bash benchmarks/webhook.sh [SECONDS]
+# PB_PROFILE=debug measures the debug build (dependencies at opt-level 2, this crate not
+# optimised) when a release build is not at hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
-cargo build --release --example webhook_server >&2
-bin=target/release/examples/webhook_server
+if [[ ${PB_PROFILE:-release} == debug ]]; then
+  cargo build --example webhook_server >&2; bin=target/debug/examples/webhook_server
+else
+  cargo build --release --example webhook_server >&2; bin=target/release/examples/webhook_server
+fi
 tmp=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 export PARITYBENCH_GITHUB_SECRET=bench-secret
 export PB_BODY=tests/data/github/pull_request_closed_merged.json

@@ -149,12 +149,12 @@ impl Recorder for StoreRecorder {
                 job_id: None,
             };
             let id = store.create_run(&new).await.map_err(err)?;
-            if let Some((job, token)) = &attempt {
-                if !store.bind_run_to_attempt(id, *job, token).await.map_err(err)? {
-                    let lost = store::StoreError::LeaseLost { run: id, job: *job };
-                    let _ = store.finish_run(id, &store::RunResults::errored(lost.to_string())).await;
-                    return Err(err(lost));
-                }
+            if let Some((job, token)) = &attempt
+                && !store.bind_run_to_attempt(id, *job, token).await.map_err(err)?
+            {
+                let lost = store::StoreError::LeaseLost { run: id, job: *job };
+                let _ = store.finish_run(id, &store::RunResults::errored(lost.to_string())).await;
+                return Err(err(lost));
             }
             Ok(id.0)
         })
