@@ -39,8 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let items = rt.block_on(async {
         let url = cfg.db_url();
-        let store =
-            crate::store::connect(&url).await.with_context(|| format!("opening {}", crate::store::redact(&url)))?;
+        let store = crate::store::connect(&url).await.context("opening the database")?;
         let items = match mode {
             NightlyMode::Queue => nightly::queue_all(store.as_ref(), &cfg, &cwd).await?,
             NightlyMode::Run => nightly::run_all(store, Arc::new(cfg.clone()), &cwd).await?,

@@ -46,8 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let url = cfg.db_url();
-        let store =
-            crate::store::connect(&url).await.with_context(|| format!("opening {}", crate::store::redact(&url)))?;
+        let store = crate::store::connect(&url).await.context("opening the database")?;
         let cwd = std::env::current_dir().context("the current directory")?;
         let mut opts = WorkerOptions::from_config(&cfg, cwd);
         if let Some(n) = args.name {
