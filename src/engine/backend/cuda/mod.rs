@@ -80,15 +80,15 @@ impl Fingerprint {
         format!("{}.{}", self.driver_version / 1000, (self.driver_version % 1000) / 10)
     }
 
-    /// The device part of a series key: the same GPU model, memory size, capability and
-    /// CUDA versions give the same key.
+    /// The device part of a series key, in the store's `kind|name|driver=..|cuda=..` form: the
+    /// same GPU model, memory size, capability, driver and CUDA (NVRTC) versions give the same key.
     pub fn key(&self) -> String {
         format!(
-            "cuda|{}|{}MiB|sm_{}{}|driver {}|nvrtc {}.{}",
+            "cuda|{} (sm_{}{}, {} MiB)|driver={}|cuda={}.{}",
             self.name,
-            self.total_memory_bytes / (1 << 20),
             self.compute_capability.0,
             self.compute_capability.1,
+            self.total_memory_bytes / (1 << 20),
             self.driver_string(),
             self.nvrtc_version.0,
             self.nvrtc_version.1
@@ -281,6 +281,11 @@ fn open_gpu(ordinal: usize) -> Result<CudaBackend, BackendError> {
     Ok(CudaBackend { ordinal, fingerprint, gpu: Mutex::new(gpu) })
 }
 
+/// The fingerprint of GPU `ordinal` (opens the backend, compiles nothing), for series keys.
+pub fn probe_fingerprint(ordinal: usize) -> Result<Fingerprint, BackendError> {
+    CudaBackend::new(ordinal).map(|b| b.fingerprint.clone())
+}
+
 /// The storage type for a requested compute dtype (`auto` computes in f32, like the CPU).
 pub fn storage_for(d: ComputeDtype) -> StorageType {
     match d {
@@ -365,7 +370,7 @@ mod tests {
             cublas_version: 130001,
         };
         assert_eq!(f.driver_string(), "13.0");
-        assert_eq!(f.key(), "cuda|NVIDIA H100 80GB HBM3|81559MiB|sm_90|driver 13.0|nvrtc 13.0");
+        assert_eq!(f.key(), "cuda|NVIDIA H100 80GB HBM3 (sm_90, 81559 MiB)|driver=13.0|cuda=13.0");
     }
 
     #[test]
