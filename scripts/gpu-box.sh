@@ -26,9 +26,10 @@ case "$phase" in
   bench)
     bm="${models:-qwen3-0.6b,qwen3-4b-shape,qwen3-moe-3b-shape}"
     ./runner fixtures gen --models qwen3-0.6b > "$out/gen.log" 2>&1
-    python3 scripts/gpu-bench-models.py --out /tmp/pbbench --tokenizer-dir tok 2>&1 | tee -a "$out/gen.log"
+    python3 scripts/gpu-bench-models.py --out /tmp/pbbench --tokenizer-dir tok \
+      --models "$(echo "$bm" | tr ',' '\n' | grep -- -shape | paste -sd,)" 2>&1 | tee -a "$out/gen.log"
     python3 scripts/gpu-run.py bench --runner ./runner --out "$out" --template request.template.json \
-      --models "$bm" 2>&1 | tee "$out/run.log"
+      --models "$bm" ${BENCH_RUNNERS:+--runners "$BENCH_RUNNERS"} 2>&1 | tee "$out/run.log"
     ;;
 esac
 tar czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null && rm -rf "$out/logs"

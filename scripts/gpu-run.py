@@ -80,6 +80,10 @@ class Ctx:
         self.adapter = REPO / "runners" / "hf" / "adapter.py"
         self.results = {}
 
+    def save(self, phase):
+        """Results so far (a run cut short by a time limit keeps what it finished)."""
+        (self.out / f"results-{phase}.json").write_text(json.dumps(self.results, indent=1, default=str))
+
     def reused(self, name):
         """With PB_GPU_RUN_REUSE=1 (script development), a finished dump is not run again."""
         d = self.work / name
@@ -144,14 +148,14 @@ class Ctx:
 def lib_env():
     """LD_LIBRARY_PATH with the folders holding libcublas and libnvrtc (CUDA 13)."""
     dirs = []
-    roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+    roots = ["/usr/local/nvidia", "/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
     try:
         import site
         roots += [str(Path(p) / "nvidia") for p in site.getsitepackages()]
     except Exception:
         pass
     for root in roots:
-        for lib in ("libcublas.so.13", "libnvrtc.so.13", "libcublasLt.so.13"):
+        for lib in ("libcuda.so.1", "libcublas.so.13", "libnvrtc.so.13", "libcublasLt.so.13"):
             for hit in Path(root).rglob(lib) if Path(root).exists() else []:
                 if str(hit.parent) not in dirs:
                     dirs.append(str(hit.parent))
@@ -195,6 +199,7 @@ def parity(ctx, args):
         if man:
             ctx.results[f"{m}/engine-manifest"] = json.loads((man / "manifest.json").read_text())["engine"]
         log(f"model {m} done at +{time.time() - t0:.0f}s")
+        ctx.save("parity")
 
 
 def bench(ctx, args):
@@ -213,11 +218,13 @@ def bench(ctx, args):
         if not md.exists():
             md = Path(os.environ["PARITYBENCH_CACHE"]) / "fixtures" / "models" / m
         runs = {
+            f"bench-{m}-engine-cuda-f16": ("engine", request(args.template, md, "cuda:0", "f16", **over)),
             f"bench-{m}-hf-fp16-eager": ("hf", request(args.template, md, "cuda:0", "f16", attention="eager", **over)),
             f"bench-{m}-hf-fp16-sdpa": ("hf", request(args.template, md, "cuda:0", "f16", attention="sdpa", **over)),
-            f"bench-{m}-engine-cuda-f16": ("engine", request(args.template, md, "cuda:0", "f16", **over)),
         }
         for name, (kind, req) in runs.items():
+            if not any(name.endswith(r) for r in args.runners.split(",")):
+                continue
             d = ctx.run_hf(name, req) if kind == "hf" else ctx.run_engine(name, req)
             if d is None:
                 ctx.results[name] = {"error": "run failed"}
@@ -235,6 +242,7 @@ def bench(ctx, args):
                 "weight_bytes_fp16": model_bytes(md),
             }
             ctx.results[name] = r
+            ctx.save("bench")
             log(f"{name}: prefill {r['prefill_tok_s']} tok/s decode {r['decode_tok_s']} tok/s peak {r['peak_gpu_bytes']}")
 
 
@@ -286,6 +294,8 @@ def main():
     ap.add_argument("--bench-dir", default="/tmp/pbbench")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--runners", default="hf-fp16-eager,hf-fp16-sdpa,engine-cuda-f16",
+                    help="bench: which of the runs to make, by name suffix")
     args = ap.parse_args()
     os.environ.update({k: v for k, v in lib_env().items() if k == "LD_LIBRARY_PATH"})
     log(f"LD_LIBRARY_PATH={os.environ['LD_LIBRARY_PATH']}")
@@ -293,7 +303,7 @@ def main():
     try:
         (parity if args.phase == "parity" else bench)(ctx, args)
     finally:
-        (ctx.out / f"results-{args.phase}.json").write_text(json.dumps(ctx.results, indent=1, default=str))
+        ctx.save(args.phase)
         log("results written")
 
 
