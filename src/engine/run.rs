@@ -129,7 +129,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         command,
         created_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         error: None,
-        extra: loaded.extra.clone(),
+        extra: compute_note(loaded.extra.clone(), &loaded.quant, req.dtype, backend.name()),
     };
     let mut writer = DumpWriter::create(out, manifest)?;
     let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer, &mut writer);
@@ -144,6 +144,28 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             Err(e)
         }
     }
+}
+
+/// `extra.compute` for a run in f16 / bf16 (a GPU backend): the weights are dequantized to
+/// f32 on the host, then stored on the device in the compute dtype.
+fn compute_note(
+    mut extra: serde_json::Map<String, serde_json::Value>,
+    quant: &str,
+    dtype: ComputeDtype,
+    backend: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let d = compute_dtype_name(dtype);
+    if d != "f32" {
+        extra.insert(
+            "compute".into(),
+            format!(
+                "weights ({quant}) read as f32 at load, stored on the {backend} device in {d}; activations in {d}, \
+                 products and reductions accumulated in f32"
+            )
+            .into(),
+        );
+    }
+    extra
 }
 
 /// The dtype a run computes in (`auto`: f32).

@@ -723,26 +723,19 @@ fn sparse_moe(
         io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
     }
 
-    // Rows and weights grouped by expert, experts in index order, rows ascending.
-    let mut per: Vec<Vec<(i32, f32)>> = vec![Vec::new(); e];
-    for (j, (&x, &wt)) in ids.iter().zip(&w).enumerate() {
-        let x = usize::try_from(x).ok().filter(|&x| x < e).ok_or_else(|| BackendError::Cuda {
-            call: "pb_moe_route".into(),
-            message: format!("layer {layer}: routed to expert {x} of {e}"),
-        })?;
-        per[x].push(((j / k) as i32, wt));
-    }
-    let rows: Vec<i32> = per.iter().flatten().map(|r| r.0).collect();
-    let weights: Vec<f32> = per.iter().flatten().map(|r| r.1).collect();
-    upload_into(g, p.route_rows, &rows)?;
-    upload_into(g, p.route_w, &weights)?;
+    let plan = plan_experts(&ids, &w, k, e).map_err(|x| BackendError::Cuda {
+        call: "pb_moe_route".into(),
+        message: format!("layer {layer}: routed to expert {x} of {e}"),
+    })?;
+    let (rows, weights) = (&plan.rows, &plan.weights);
+    upload_into(g, p.route_rows, rows)?;
+    upload_into(g, p.route_w, weights)?;
 
     // SAFETY: `o` holds t * H elements.
     unsafe { cur::memset_d8_async(p.o, 0, t * h * s, g.stream.cu_stream()) }.map_err(|e| cuda_err("cuMemset", e))?;
     let hi = h as i32;
     let mut start = 0usize;
-    for (x, list) in per.iter().enumerate() {
-        let n = list.len();
+    for (x, &n) in plan.counts.iter().enumerate() {
         if n == 0 {
             continue;
         }
@@ -757,4 +750,49 @@ fn sparse_moe(
         start += n;
     }
     Ok(())
+}
+
+/// The expert dispatch of one MoE layer: for each expert (in index order) the rows routed to
+/// it (ascending) and their routing weights, concatenated.
+#[derive(Debug, PartialEq)]
+pub struct ExpertPlan {
+    /// `[E]` rows per expert
+    pub counts: Vec<usize>,
+    /// `[t * k]` row indices, expert by expert
+    pub rows: Vec<i32>,
+    /// `[t * k]` routing weights, same order
+    pub weights: Vec<f32>,
+}
+
+/// Groups the routing `ids` / `w` (`[t, k]` each) by expert. An id outside `0..e` is returned
+/// as the error.
+pub fn plan_experts(ids: &[i32], w: &[f32], k: usize, e: usize) -> Result<ExpertPlan, i32> {
+    let mut per: Vec<Vec<(i32, f32)>> = vec![Vec::new(); e];
+    for (j, (&x, &wt)) in ids.iter().zip(w).enumerate() {
+        let xi = usize::try_from(x).ok().filter(|&xi| xi < e).ok_or(x)?;
+        per[xi].push(((j / k) as i32, wt));
+    }
+    Ok(ExpertPlan {
+        counts: per.iter().map(Vec::len).collect(),
+        rows: per.iter().flatten().map(|r| r.0).collect(),
+        weights: per.iter().flatten().map(|r| r.1).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn experts_are_planned_in_index_order_with_ascending_rows() {
+        // 3 rows, top-2 of 4 experts
+        let ids = [2, 0, 0, 3, 2, 0];
+        let w = [0.6, 0.4, 0.7, 0.3, 0.5, 0.5];
+        let p = plan_experts(&ids, &w, 2, 4).unwrap();
+        assert_eq!(p.counts, vec![3, 0, 2, 1]);
+        assert_eq!(p.rows, vec![0, 1, 2, 0, 2, 1]);
+        assert_eq!(p.weights, vec![0.4, 0.7, 0.5, 0.6, 0.5, 0.3]);
+        assert_eq!(plan_experts(&[0, 4], &[0.5, 0.5], 2, 4), Err(4));
+        assert_eq!(plan_experts(&[-1, 0], &[0.5, 0.5], 2, 4), Err(-1));
+    }
 }
