@@ -173,13 +173,11 @@ pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), B
         release_model(g, old);
     }
     g.func(ty, "pb_embed")?;
-    if let Some(m) = &model.config.moe {
-        if m.n_experts > kernels::MAX_EXPERTS {
-            return Err(BackendError::Cuda {
-                call: "pb_moe_route".into(),
-                message: format!("{} experts; the routing kernel takes at most {}", m.n_experts, kernels::MAX_EXPERTS),
-            });
-        }
+    if let Some(m) = model.config.moe.as_ref().filter(|m| m.n_experts > kernels::MAX_EXPERTS) {
+        return Err(BackendError::Cuda {
+            call: "pb_moe_route".into(),
+            message: format!("{} experts; the routing kernel takes at most {}", m.n_experts, kernels::MAX_EXPERTS),
+        });
     }
     let embed = upload(g, ty, &model.embed_tokens)?;
     let lm_head = match &model.lm_head {
@@ -337,6 +335,7 @@ fn linear(g: &mut Gpu, ty: StorageType, l: &DevLinear, out: u64, x: u64, t: usiz
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rmsnorm(
     g: &mut Gpu,
     ty: StorageType,
@@ -380,6 +379,7 @@ fn upload_into<T>(g: &Gpu, dst: u64, v: &[T]) -> Result<(), BackendError> {
 }
 
 /// Records capture `point` of layer `layer` from `[t, width]` at `src`, if the plan wants it.
+#[allow(clippy::too_many_arguments)]
 fn capture(
     g: &Gpu,
     ty: StorageType,
