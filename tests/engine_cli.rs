@@ -40,7 +40,7 @@ fn describe_lists_the_engine() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["name"], "paritybench-engine");
-    assert_eq!(v["backends"], serde_json::json!(["cpu"]));
+    assert_eq!(v["backends"], serde_json::json!(["cpu", "cuda"]));
     assert!(v["formats"].as_array().unwrap().contains(&"safetensors".into()));
     assert_eq!(v["architectures"], serde_json::json!(["qwen2", "qwen3", "qwen3_moe"]));
     assert_eq!(v["capabilities"]["captures"].as_array().unwrap().len(), CapturePoint::ALL.len());
@@ -223,13 +223,15 @@ fn a_token_id_outside_the_vocabulary_names_prompt_position_and_id() {
 }
 
 #[test]
-fn cuda_and_half_precision_are_refused_clearly() {
+fn cuda_without_a_driver_and_half_precision_on_cpu_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model_with(tmp.path(), "qwen3", |_| {});
     let mut req = request(&m, &prompts(), Mode::Prefill, 0);
-    req.device = "cuda:0".into();
-    let e = run_err(&req, tmp.path());
-    assert!(e.contains("cuda:0") && e.contains("CUDA backend is not in this build"), "{e}");
+    if !paritybench::engine::backend::cuda::library_loads(&["libcuda.so.1", "libcuda.so"]) {
+        req.device = "cuda:0".into();
+        let e = run_err(&req, tmp.path());
+        assert!(e.contains("cuda:0") && e.contains("CUDA is not available") && e.contains("libcuda"), "{e}");
+    }
     req.device = "cpu".into();
     req.dtype = ComputeDtype::Bf16;
     let e = run_err(&req, tmp.path());

@@ -380,6 +380,11 @@ impl Model {
         Ok(Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors })
     }
 
+    /// `[head_dim / 2]` RoPE inverse frequencies (f32, as HF computes them).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `[V, H]` the lm_head's weight (the embedding when tied).
     fn lm_head_weight(&self) -> &[f32] {
         self.lm_head.as_deref().unwrap_or(&self.embed_tokens)

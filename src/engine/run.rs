@@ -66,7 +66,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
     let device = Device::parse(&req.device)?;
     let threads = threads_option(&req)?;
     let backend = backend::open(device, threads)?;
-    if !matches!(req.dtype, ComputeDtype::Auto | ComputeDtype::F32) {
+    if !backend.supports_dtype(req.dtype) {
         return Err(EngineError::UnsupportedDtype {
             dtype: req.dtype.as_str().to_string(),
             backend: backend.name().to_string(),
@@ -83,6 +83,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         }
     }
     let model = &loaded.model;
+    backend.prepare(model, req.dtype)?;
     let (plan, points, layers, absent) = CapturePlan::resolve(&req.captures, &model.config);
 
     let mut versions = BTreeMap::new();
@@ -99,7 +100,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             backend: backend.name().to_string(),
             device: backend.device(),
             device_name: backend.device_name(),
-            driver: None,
+            driver: backend.driver(),
             versions,
         },
         model: ModelInfo {
@@ -107,7 +108,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             sha256: loaded.sha256.clone().or_else(|| req.model.sha256.clone()),
             format: loaded.format.to_string(),
             quant: loaded.quant.clone(),
-            compute_dtype: "f32".to_string(),
+            compute_dtype: compute_dtype_name(req.dtype).to_string(),
             architecture: Some(model.config.architecture.as_str().to_string()),
             n_layers: Some(model.config.n_layers as u32),
             vocab_size: Some(model.config.vocab_size as u32),
@@ -124,23 +125,55 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         captures: CaptureRecord { points, layers, absent },
         load_ms: Some(load_ms),
         peak_rss_bytes: peak_rss_bytes(),
-        peak_gpu_bytes: None,
+        peak_gpu_bytes: backend.peak_gpu_bytes(),
         command,
         created_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         error: None,
-        extra: loaded.extra.clone(),
+        extra: compute_note(loaded.extra.clone(), &loaded.quant, req.dtype, backend.name()),
     };
     let mut writer = DumpWriter::create(out, manifest)?;
     let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer, &mut writer);
     match result {
         Ok(()) => {
             writer.manifest_mut().peak_rss_bytes = peak_rss_bytes();
+            writer.manifest_mut().peak_gpu_bytes = backend.peak_gpu_bytes();
             Ok(writer.finish()?)
         }
         Err(e) => {
             writer.fail(e.to_string())?;
             Err(e)
         }
+    }
+}
+
+/// `extra.compute` for a run in f16 / bf16 (a GPU backend): the weights are dequantized to
+/// f32 on the host, then stored on the device in the compute dtype.
+fn compute_note(
+    mut extra: serde_json::Map<String, serde_json::Value>,
+    quant: &str,
+    dtype: ComputeDtype,
+    backend: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let d = compute_dtype_name(dtype);
+    if d != "f32" {
+        extra.insert(
+            "compute".into(),
+            format!(
+                "weights ({quant}) read as f32 at load, stored on the {backend} device in {d}; activations in {d}, \
+                 products and reductions accumulated in f32"
+            )
+            .into(),
+        );
+    }
+    extra
+}
+
+/// The dtype a run computes in (`auto`: f32).
+fn compute_dtype_name(d: ComputeDtype) -> &'static str {
+    match d {
+        ComputeDtype::Auto | ComputeDtype::F32 => "f32",
+        ComputeDtype::F16 => "f16",
+        ComputeDtype::Bf16 => "bf16",
     }
 }
 
@@ -414,7 +447,7 @@ fn run_prompts(
             timings,
             tokenizer_match,
             peak_rss_bytes: peak_rss_bytes(),
-            peak_gpu_bytes: None,
+            peak_gpu_bytes: backend.peak_gpu_bytes(),
         };
         writer.write_prompt(shard)?;
         tracing::info!(prompt = %p.id, tokens = tokens.len(), "prompt finished");

@@ -540,8 +540,15 @@ fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
         .collect()
 }
 
-/// `cpu|<CPU model>` (GPU fingerprints come with the CUDA backend).
+/// `cpu|<CPU model>`, or for `cuda:N` the GPU's fingerprint from the CUDA backend
+/// (`cuda|<name> (sm_XY, N MiB)|driver=..|cuda=..`; `cuda|unavailable: <why>` without a GPU).
 pub fn device_key(device: &str) -> String {
+    if let Ok(crate::engine::backend::Device::Cuda(n)) = crate::engine::backend::Device::parse(device) {
+        return match crate::engine::backend::cuda::probe_fingerprint(n) {
+            Ok(f) => f.key(),
+            Err(e) => format!("cuda|unavailable: {e}"),
+        };
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
