@@ -21,9 +21,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use rayon::prelude::*;
 
-use paritybench::metrics::logit_rows;
-use paritybench::metrics::logits::{self, RankedIds, TOP_K};
-use paritybench::protocol::{ShardTensors, TensorView};
+use paritybench::metrics::logits::{self, RankedIds};
+use paritybench::metrics::{Row, StoredRows, logit_rows};
+use paritybench::protocol::{Dtype, ShardTensors, TensorView};
 
 /// Qwen's vocabulary (rows of the lm_head).
 const VOCAB: usize = 151_936;
@@ -105,7 +105,8 @@ fn shard(side_a: bool, f16_out: bool) -> ShardTensors {
     let rows = rows();
     let dir = data_dir();
     std::fs::create_dir_all(&dir).expect("bench data directory");
-    let name = format!("logits-{}-{}-{rows}.safetensors", if side_a { "a" } else { "b" }, if f16_out { "f16" } else { "f32" });
+    let name =
+        format!("logits-{}-{}-{rows}.safetensors", if side_a { "a" } else { "b" }, if f16_out { "f16" } else { "f32" });
     let path = dir.join(name);
     let want = rows * VOCAB * if f16_out { 2 } else { 4 };
     let ok = std::fs::metadata(&path).map(|m| m.len() as usize > want).unwrap_or(false);
@@ -121,12 +122,23 @@ fn both_sides(a: &TensorView<'_>, b: &TensorView<'_>) -> u64 {
     (a.bytes().len() + b.bytes().len()) as u64
 }
 
-/// Runs `f` on every row pair in parallel, rows collected in order (as `compare` does).
-fn per_row<T: Send>(a: &TensorView<'_>, b: &TensorView<'_>, f: impl Fn(&[f32], &[f32]) -> T + Sync + Send) -> Vec<T> {
-    (0..a.rows())
-        .into_par_iter()
-        .map_init(|| (Vec::new(), Vec::new()), |(ba, bb), i| f(a.row_f32(i, ba), b.row_f32(i, bb)))
-        .collect()
+/// Runs `$f` on every row pair in parallel, rows read in their stored type and collected in
+/// order (as `compare` does).
+macro_rules! per_row {
+    ($a:expr, $b:expr, |$i:ident, $x:ident, $y:ident| $body:expr) => {{
+        let (sa, sb) = (StoredRows::new($a), StoredRows::new($b));
+        (0..$a.rows())
+            .into_par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(ba, bb), $i| match (sa.row($i, ba), sb.row($i, bb)) {
+                    (Row::F32($x), Row::F32($y)) => $body,
+                    (Row::F16($x), Row::F16($y)) => $body,
+                    _ => unreachable!("the bench data are f32/f32 or f16/f16"),
+                },
+            )
+            .collect::<Vec<_>>()
+    }};
 }
 
 fn bench_memcpy(c: &mut Criterion, src: &[u8]) {
@@ -147,7 +159,7 @@ fn bench_kernels(c: &mut Criterion, dtype: &str, a: &TensorView<'_>, b: &TensorV
     g.throughput(Throughput::Bytes(both_sides(a, b)));
     g.bench_function("cosine+rel_l2+nmse+max_abs", |bn| {
         bn.iter(|| {
-            per_row(a, b, |x, y| {
+            per_row!(a, b, |_i, x, y| {
                 let d = logits::row_diff(x, y);
                 (d.ab / (d.aa.sqrt() * d.bb.sqrt()), (d.dd / d.bb).sqrt(), d.max_abs)
             })
@@ -155,42 +167,43 @@ fn bench_kernels(c: &mut Criterion, dtype: &str, a: &TensorView<'_>, b: &TensorV
     });
     g.bench_function("top_k", |bn| {
         bn.iter(|| {
-            per_row(a, b, |x, y| {
+            per_row!(a, b, |_i, x, y| {
                 let (ta, tb) = (logits::top_k(x), logits::top_k(y));
                 logits::topk_agreement(&RankedIds::from_topk(&ta), &RankedIds::from_topk(&tb), 1e-3)
             })
         })
     });
     // the maxima KLD needs come from the diff pass in `compare`; here they are given
-    let maxima = per_row(a, b, |x, y| {
+    let maxima = per_row!(a, b, |_i, x, y| {
         let d = logits::row_diff(x, y);
         (d.max_a, d.max_b)
     });
-    g.bench_function("kld", |bn| {
-        bn.iter(|| {
-            (0..a.rows())
-                .into_par_iter()
-                .map_init(
-                    || (Vec::new(), Vec::new()),
-                    |(ba, bb), i| logits::row_kld(a.row_f32(i, ba), b.row_f32(i, bb), maxima[i].0, maxima[i].1),
-                )
-                .collect::<Vec<f64>>()
-        })
-    });
+    g.bench_function("kld", |bn| bn.iter(|| per_row!(a, b, |i, x, y| logits::row_kld(x, y, maxima[i].0, maxima[i].1))));
     g.bench_function("full (compare)", |bn| {
         bn.iter(|| {
             let rows = logit_rows(a, b);
             let agree: Vec<_> = rows
                 .iter()
-                .map(|r| {
-                    logits::topk_agreement(&RankedIds::from_topk(&r.top_a), &RankedIds::from_topk(&r.top_b), 1e-3)
-                })
+                .map(|r| logits::topk_agreement(&RankedIds::from_topk(&r.top_a), &RankedIds::from_topk(&r.top_b), 1e-3))
                 .collect();
             (rows, agree)
         })
     });
+    if a.dtype != Dtype::F32 {
+        // the path before rows were read in their stored type: each row widened into a Vec
+        g.bench_function("full (rows widened to Vec<f32>)", |bn| {
+            bn.iter(|| {
+                (0..a.rows())
+                    .into_par_iter()
+                    .map_init(
+                        || (Vec::new(), Vec::new()),
+                        |(ba, bb), i| logits::row_metrics(a.row_f32(i, ba), b.row_f32(i, bb)),
+                    )
+                    .collect::<Vec<_>>()
+            })
+        });
+    }
     g.finish();
-    let _ = TOP_K;
 }
 
 fn benches(c: &mut Criterion) {
