@@ -18,6 +18,7 @@ use crate::protocol::{CapturePoint, TensorView};
 use super::logits::row_diff;
 use super::report::{ExpertAgreement, FloatLayer, Sums};
 use super::{MetricsError, stats};
+use super::{StoredRows, on_rows};
 
 /// Where a capture point sits in a forward pass: `embed`, then per layer `attn_norm`,
 /// `attn_out`, `ffn_norm`, `moe_router`, `moe_topk_ids`, `ffn_out`, `layer_out`, then
@@ -45,8 +46,9 @@ pub fn float_layer(a: &TensorView<'_>, b: &TensorView<'_>, positions: &[i32]) ->
     let mut worst = (f64::INFINITY, 0usize);
     let (mut na, mut nb) = (0u64, 0u64);
     let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
+    let (sa, sb) = (StoredRows::new(a), StoredRows::new(b));
     for i in 0..a.rows() {
-        let d = row_diff(a.row_f32(i, &mut buf_a), b.row_f32(i, &mut buf_b));
+        let d = on_rows!(sa.row(i, &mut buf_a), sb.row(i, &mut buf_b), |x, y| row_diff(x, y));
         sums.add(&Sums { dd: d.dd, aa: d.aa, bb: d.bb, ab: d.ab });
         na += u64::from(d.nonfinite_a);
         nb += u64::from(d.nonfinite_b);

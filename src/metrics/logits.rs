@@ -11,7 +11,14 @@
 //! Accumulation is f64 in `LANES` independent accumulators combined in a fixed order (the
 //! compiler may vectorise them; the order of additions never depends on threads). `a` is
 //! always the engine under test, `b` the reference.
+//!
+//! Rows may be stored as f32, f16 or bf16 ([`Logit`]): the kernels read them straight from
+//! the map and widen `BLOCK` elements at a time into a stack buffer (exact: widening loses
+//! nothing), so a half-precision dump is never converted row by row into a heap copy, and
+//! the metrics of an f16 row equal those of the same values stored as f32, bit for bit.
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use super::stats;
@@ -32,10 +39,60 @@ trait LaneKernel {
     fn flush(&mut self);
 }
 
+/// An element type a dump stores logits in. The kernels see f32: [`Logit::widen`] gives a
+/// block as f32, borrowed when it already is, converted into a stack buffer otherwise.
+pub trait Logit: Copy + Send + Sync + 'static {
+    /// `src` (at most `BLOCK` elements) as f32.
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32; BLOCK]) -> &'a [f32];
+    /// One value as f32 (exact).
+    fn to_f32(self) -> f32;
+}
+
+impl Logit for f32 {
+    #[inline(always)]
+    fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+        src
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Logit for f16 {
+    /// half's slice conversion: F16C eight at a time where the CPU has it.
+    #[inline(always)]
+    fn widen<'a>(src: &'a [f16], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+        let out = &mut buf[..src.len()];
+        src.convert_to_f32_slice(out);
+        out
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Logit for bf16 {
+    #[inline(always)]
+    fn widen<'a>(src: &'a [bf16], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
+        let out = &mut buf[..src.len()];
+        src.convert_to_f32_slice(out);
+        out
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
 /// Feeds two equally long rows to a kernel block by block, lane by lane, in a fixed order.
 #[inline(always)]
-fn run_lanes<K: LaneKernel>(k: &mut K, a: &[f32], b: &[f32]) {
-    for (ba, bb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+fn run_lanes<K: LaneKernel, A: Logit, B: Logit>(k: &mut K, a: &[A], b: &[B]) {
+    // [BLOCK] f32 views of the current block of each side (unused for f32 rows)
+    let (mut buf_a, mut buf_b) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+    for (ca, cb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let (ba, bb) = (A::widen(ca, &mut buf_a), B::widen(cb, &mut buf_b));
         let split = ba.len() / LANES * LANES;
         for (xs, ys) in ba[..split].chunks_exact(LANES).zip(bb[..split].chunks_exact(LANES)) {
             for j in 0..LANES {
@@ -139,7 +196,7 @@ impl LaneKernel for DiffLanes {
 /// largest absolute difference, both maxima (for the log-sum-exps) and non-finite counts.
 ///
 /// Panics if the rows differ in length (callers check shapes first).
-pub fn row_diff(a: &[f32], b: &[f32]) -> RowDiff {
+pub fn row_diff<A: Logit, B: Logit>(a: &[A], b: &[B]) -> RowDiff {
     assert_eq!(a.len(), b.len(), "row_diff on rows of different lengths");
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -156,12 +213,12 @@ pub fn row_diff(a: &[f32], b: &[f32]) -> RowDiff {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_diff_avx2(a: &[f32], b: &[f32]) -> RowDiff {
+unsafe fn row_diff_avx2<A: Logit, B: Logit>(a: &[A], b: &[B]) -> RowDiff {
     row_diff_body(a, b)
 }
 
 #[inline(always)]
-fn row_diff_body(a: &[f32], b: &[f32]) -> RowDiff {
+fn row_diff_body<A: Logit, B: Logit>(a: &[A], b: &[B]) -> RowDiff {
     let mut k = DiffLanes {
         dd: [0.0; LANES],
         aa: [0.0; LANES],
@@ -226,28 +283,46 @@ impl LaneKernel for KldLanes {
 /// of rounding size may give a rounding-size negative number, which is reported as it is.
 /// `max_a` / `max_b` are the rows' maxima ([`row_diff`]); the rows must be finite (a row
 /// with a non-finite value has no KLD: the caller reports NaN).
-pub fn row_kld(a: &[f32], b: &[f32], max_a: f32, max_b: f32) -> f64 {
+pub fn row_kld<A: Logit, B: Logit>(a: &[A], b: &[B], max_a: f32, max_b: f32) -> f64 {
     assert_eq!(a.len(), b.len(), "row_kld on rows of different lengths");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+        return unsafe { row_kld_avx512(a, b, max_a, max_b) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
         return unsafe { row_kld_avx2(a, b, max_a, max_b) };
     }
     row_kld_body(a, b, max_a, max_b)
 }
 
-/// [`row_kld`] compiled for AVX2 (same operations and order, no FMA: the same bits).
+/// [`row_kld`] compiled for AVX-512F: the eight lanes in one register and 32 registers, so
+/// the exponential's constants stay in registers. Same operations and order: the same bits.
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn row_kld_avx2(a: &[f32], b: &[f32], max_a: f32, max_b: f32) -> f64 {
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn row_kld_avx512<A: Logit, B: Logit>(a: &[A], b: &[B], max_a: f32, max_b: f32) -> f64 {
+    row_kld_body(a, b, max_a, max_b)
+}
+
+/// [`row_kld`] compiled for AVX2 and FMA: the same operations in the same order; the
+/// exponential's `mul_add`s become one instruction each (elsewhere libm's correctly rounded
+/// `fma`: the same bits, slower).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_kld_avx2<A: Logit, B: Logit>(a: &[A], b: &[B], max_a: f32, max_b: f32) -> f64 {
     row_kld_body(a, b, max_a, max_b)
 }
 
 #[inline(always)]
-fn row_kld_body(a: &[f32], b: &[f32], max_a: f32, max_b: f32) -> f64 {
+fn row_kld_body<A: Logit, B: Logit>(a: &[A], b: &[B], max_a: f32, max_b: f32) -> f64 {
     let (ma, mb) = (f64::from(max_a), f64::from(max_b));
     let mut k = KldLanes { ma, mb, za: [0.0; LANES], zb: [0.0; LANES], s: [0.0; LANES], tot: [[0.0; LANES]; 3] };
     run_lanes(&mut k, a, b);
@@ -269,25 +344,27 @@ pub fn exp_nonpositive(x: f64) -> f64 {
     const SHIFTER: f64 = 6_755_399_441_055_744.0; // 1.5·2^52: adding it rounds to an integer
     let underflow = x < -708.0;
     let x = if underflow { -708.0 } else { x };
-    let t = x * LOG2E + SHIFTER;
+    // every step a fused multiply-add (one rounding): half the instructions where the CPU
+    // has FMA, and the same bits where it has not (libm's fma is correctly rounded)
+    let t = x.mul_add(LOG2E, SHIFTER);
     let kf = t - SHIFTER;
     let k = (t.to_bits() as i64).wrapping_sub(SHIFTER.to_bits() as i64); // = kf as an integer
-    let r = (x - kf * LN2_HI) - kf * LN2_LO;
+    let r = (-kf).mul_add(LN2_LO, (-kf).mul_add(LN2_HI, x));
     // Horner for Σ r^n/n!, n = 0..=13
-    let mut p = 1.0 / 6_227_020_800.0;
-    p = p * r + 1.0 / 479_001_600.0;
-    p = p * r + 1.0 / 39_916_800.0;
-    p = p * r + 1.0 / 3_628_800.0;
-    p = p * r + 1.0 / 362_880.0;
-    p = p * r + 1.0 / 40_320.0;
-    p = p * r + 1.0 / 5_040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    let mut p: f64 = 1.0 / 6_227_020_800.0;
+    p = p.mul_add(r, 1.0 / 479_001_600.0);
+    p = p.mul_add(r, 1.0 / 39_916_800.0);
+    p = p.mul_add(r, 1.0 / 3_628_800.0);
+    p = p.mul_add(r, 1.0 / 362_880.0);
+    p = p.mul_add(r, 1.0 / 40_320.0);
+    p = p.mul_add(r, 1.0 / 5_040.0);
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
     let scale = f64::from_bits(((k + 1023) << 52) as u64);
     if underflow { 0.0 } else { p * scale }
 }
@@ -329,21 +406,47 @@ impl TopK {
 /// One pass for the [`TOP_K`] largest values of a row. Chunks of 16 are first tested
 /// against the current K-th value (a test that vectorises), so on a typical row nearly
 /// every chunk is skipped after the first few.
-pub fn top_k(row: &[f32]) -> TopK {
+pub fn top_k<E: Logit>(row: &[E]) -> TopK {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { top_k_avx2(row) };
+    }
+    top_k_body(row)
+}
+
+/// [`top_k`] compiled for AVX2 (the chunk test becomes two vector compares).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn top_k_avx2<E: Logit>(row: &[E]) -> TopK {
+    top_k_body(row)
+}
+
+#[inline(always)]
+fn top_k_body<E: Logit>(row: &[E]) -> TopK {
     const CHUNK: usize = 16;
+    const _: () = assert!(BLOCK % CHUNK == 0, "chunks must not straddle blocks");
     let mut t = TopK { ids: [0; TOP_K], vals: [f32::NEG_INFINITY; TOP_K], len: 0 };
     let mut thresh = f32::NEG_INFINITY;
-    for (c, chunk) in row.chunks(CHUNK).enumerate() {
-        let full = t.len == TOP_K;
-        if full && !chunk.iter().fold(false, |any, &x| any | (x > thresh)) {
-            continue;
-        }
-        for (i, &x) in chunk.iter().enumerate() {
-            let take = if t.len == TOP_K { x > thresh } else { !x.is_nan() };
-            if take {
-                t.insert((c * CHUNK + i) as u32, x);
-                if t.len == TOP_K {
-                    thresh = t.vals[TOP_K - 1];
+    let mut buf = [0.0f32; BLOCK]; // [BLOCK] the current block as f32 (unused for f32 rows)
+    for (blk, block) in row.chunks(BLOCK).enumerate() {
+        let block = E::widen(block, &mut buf);
+        for (c, chunk) in block.chunks(CHUNK).enumerate() {
+            let full = t.len == TOP_K;
+            if full && !chunk.iter().fold(false, |any, &x| any | (x > thresh)) {
+                continue;
+            }
+            let base = blk * BLOCK + c * CHUNK;
+            for (i, &x) in chunk.iter().enumerate() {
+                let take = if t.len == TOP_K { x > thresh } else { !x.is_nan() };
+                if take {
+                    t.insert((base + i) as u32, x);
+                    if t.len == TOP_K {
+                        thresh = t.vals[TOP_K - 1];
+                    }
                 }
             }
         }
@@ -370,7 +473,7 @@ pub struct RowMetrics {
 
 /// All full-logit metrics of one position. A row with a non-finite value on either side
 /// gets NaN for every value metric (its counts say why); its top-k skip NaN.
-pub fn row_metrics(a: &[f32], b: &[f32]) -> RowMetrics {
+pub fn row_metrics<A: Logit, B: Logit>(a: &[A], b: &[B]) -> RowMetrics {
     let d = row_diff(a, b);
     let finite = d.nonfinite_a == 0 && d.nonfinite_b == 0;
     let nan_unless = |v: f64| if finite { v } else { f64::NAN };
@@ -561,11 +664,39 @@ mod tests {
                 // SAFETY: AVX2 is present (checked above).
                 let v = unsafe { row_diff_avx2(&a, &b) };
                 assert_eq!(g, v);
-                let gk = row_kld_body(&a, &b, g.max_a, g.max_b);
-                // SAFETY: as above.
-                let vk = unsafe { row_kld_avx2(&a, &b, g.max_a, g.max_b) };
-                assert_eq!(gk.to_bits(), vk.to_bits());
+                if std::arch::is_x86_feature_detected!("fma") {
+                    let gk = row_kld_body(&a, &b, g.max_a, g.max_b);
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    let vk = unsafe { row_kld_avx2(&a, &b, g.max_a, g.max_b) };
+                    assert_eq!(gk.to_bits(), vk.to_bits());
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: AVX-512F and FMA are present (checked above).
+                        let wk = unsafe { row_kld_avx512(&a, &b, g.max_a, g.max_b) };
+                        assert_eq!(gk.to_bits(), wk.to_bits());
+                    }
+                }
             }
+        }
+    }
+
+    #[test]
+    fn half_rows_give_the_bits_of_their_f32_values() {
+        // rows stored as f16/bf16 are widened block by block inside the kernels: the metrics
+        // must be those of the same values stored as f32, bit for bit, also for mixed pairs
+        for n in [5usize, 513, 151_936] {
+            let a = row(30, n);
+            let b: Vec<f32> = row(31, n).iter().zip(&a).map(|(e, x)| x + 0.1 * e).collect();
+            let (a16, b16): (Vec<f16>, Vec<f16>) =
+                (a.iter().map(|&x| f16::from_f32(x)).collect(), b.iter().map(|&x| f16::from_f32(x)).collect());
+            let (a16w, b16w): (Vec<f32>, Vec<f32>) =
+                (a16.iter().map(|x| x.to_f32()).collect(), b16.iter().map(|x| x.to_f32()).collect());
+            assert_eq!(row_metrics(&a16, &b16), row_metrics(&a16w, &b16w), "f16/f16 n={n}");
+            assert_eq!(row_metrics(&a, &b16), row_metrics(&a, &b16w), "f32/f16 n={n}");
+            assert_eq!(row_metrics(&a16, &b), row_metrics(&a16w, &b), "f16/f32 n={n}");
+            let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            let bbw: Vec<f32> = bb.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(row_metrics(&a, &bb), row_metrics(&a, &bbw), "f32/bf16 n={n}");
+            assert_eq!(top_k(&a16), top_k(&a16w), "top_k f16 n={n}");
         }
     }
 

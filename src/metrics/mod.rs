@@ -25,8 +25,40 @@ use rayon::prelude::*;
 
 use crate::protocol::{CapturePoint, Dump, Manifest, ProtocolError, ShardTensors, TensorView};
 
+/// Calls `$f(x, y)` with the two [`Row`]s as slices of their own element types (one
+/// monomorphised kernel per pair of stored types).
+macro_rules! on_rows {
+    ($a:expr, $b:expr, |$x:ident, $y:ident| $body:expr) => {{
+        use $crate::metrics::Row;
+        match ($a, $b) {
+            (Row::F32($x), Row::F32($y)) => $body,
+            (Row::F32($x), Row::F16($y)) => $body,
+            (Row::F32($x), Row::Bf16($y)) => $body,
+            (Row::F16($x), Row::F32($y)) => $body,
+            (Row::F16($x), Row::F16($y)) => $body,
+            (Row::F16($x), Row::Bf16($y)) => $body,
+            (Row::Bf16($x), Row::F32($y)) => $body,
+            (Row::Bf16($x), Row::F16($y)) => $body,
+            (Row::Bf16($x), Row::Bf16($y)) => $body,
+        }
+    }};
+}
+pub(crate) use on_rows;
+
+/// Calls `$f(x)` with a [`Row`] as a slice of its own element type.
+macro_rules! on_row {
+    ($a:expr, |$x:ident| $body:expr) => {{
+        use $crate::metrics::Row;
+        match $a {
+            Row::F32($x) => $body,
+            Row::F16($x) => $body,
+            Row::Bf16($x) => $body,
+        }
+    }};
+}
+
 pub use layers::{DivergenceRule, NoiseFloors};
-use logits::{RankedIds, RowMetrics};
+use logits::{Logit, RankedIds, RowMetrics};
 use report::{
     AbsentCapture, DumpSummary, ExpertAgreement, Greedy, GreedySummary, KldStats, LayerSummary, LayerSummaryValues,
     LogitSeries, NonFinite, Overall, Rate, Settings, Sums, TopkSeries,
@@ -390,15 +422,58 @@ fn compare_outputs(
     Ok((None, topk, None))
 }
 
-/// Every position's full-logit metrics, rows in parallel, collected in row order.
+/// Every position's full-logit metrics, rows in parallel, collected in row order. Rows are
+/// read in their stored type (f32, f16, bf16) straight from the map.
 pub fn logit_rows(a: &TensorView<'_>, b: &TensorView<'_>) -> Vec<RowMetrics> {
+    let (sa, sb) = (StoredRows::new(a), StoredRows::new(b));
     (0..a.rows())
         .into_par_iter()
         .map_init(
             || (Vec::new(), Vec::new()),
-            |(buf_a, buf_b), i| logits::row_metrics(a.row_f32(i, buf_a), b.row_f32(i, buf_b)),
+            |(buf_a, buf_b), i| on_rows!(sa.row(i, buf_a), sb.row(i, buf_b), |x, y| logits::row_metrics(x, y)),
         )
         .collect()
+}
+
+/// A float tensor's rows in the type they are stored in, where the mapped bytes can be
+/// borrowed as that type (aligned); anything else is widened row by row through
+/// [`TensorView::row_f32`].
+#[derive(Clone, Copy)]
+pub enum StoredRows<'a> {
+    F32(&'a [f32], usize),
+    F16(&'a [half::f16], usize),
+    Bf16(&'a [half::bf16], usize),
+    Other(TensorView<'a>),
+}
+
+/// One row of a [`StoredRows`].
+pub enum Row<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> StoredRows<'a> {
+    pub fn new(v: &TensorView<'a>) -> StoredRows<'a> {
+        let (bytes, cols) = (v.bytes(), v.cols());
+        let typed = match v.dtype {
+            crate::protocol::Dtype::F32 => bytemuck::try_cast_slice(bytes).ok().map(|s| StoredRows::F32(s, cols)),
+            crate::protocol::Dtype::F16 => bytemuck::try_cast_slice(bytes).ok().map(|s| StoredRows::F16(s, cols)),
+            crate::protocol::Dtype::Bf16 => bytemuck::try_cast_slice(bytes).ok().map(|s| StoredRows::Bf16(s, cols)),
+            crate::protocol::Dtype::I32 => None,
+        };
+        typed.unwrap_or(StoredRows::Other(*v))
+    }
+
+    /// Row `i`; `buf` holds it when it must be converted.
+    pub fn row<'b>(&'b self, i: usize, buf: &'b mut Vec<f32>) -> Row<'b> {
+        match *self {
+            StoredRows::F32(s, c) => Row::F32(&s[i * c..(i + 1) * c]),
+            StoredRows::F16(s, c) => Row::F16(&s[i * c..(i + 1) * c]),
+            StoredRows::Bf16(s, c) => Row::Bf16(&s[i * c..(i + 1) * c]),
+            StoredRows::Other(ref v) => Row::F32(v.row_f32(i, buf)),
+        }
+    }
 }
 
 /// One side's ranking per position, from its logits or its top-k ids.
@@ -413,12 +488,14 @@ fn rankings(
     match out {
         Output::Nothing => Ok(None),
         Output::Logits(l) => {
+            let stored = StoredRows::new(l);
             let rows: Vec<(RankedIds, u32)> = (0..l.rows())
                 .into_par_iter()
                 .map_init(Vec::new, |buf, i| {
-                    let row = l.row_f32(i, buf);
-                    let bad = row.iter().filter(|x| !x.is_finite()).count() as u32;
-                    (RankedIds::from_topk(&logits::top_k(row)), bad)
+                    on_row!(stored.row(i, buf), |row| {
+                        let bad = row.iter().filter(|x| !Logit::to_f32(**x).is_finite()).count() as u32;
+                        (RankedIds::from_topk(&logits::top_k(row)), bad)
+                    })
                 })
                 .collect();
             push_nonfinite(nonfinite, id, "logits", side, positions, rows.iter().map(|r| r.1));
