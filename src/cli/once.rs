@@ -109,13 +109,19 @@ pub fn render(o: &OnceOutcome) -> String {
     let _ = writeln!(s, "run {} — {} at {} (generation {})", o.run_id, o.engine, o.commit, o.generation);
     let _ = writeln!(
         s,
-        "{:<14} {:<11} {:<16} {:<16} {:>10} {:>10} {:>10} {:>7} {:>9}  first divergent",
-        "model", "mode", "reference", "prompt", "min cos", "max relL2", "KLD p99", "top-1", "tok/s"
+        "{:<18} {:<11} {:<26} {:<14} {:>9} {:>10} {:>10} {:>7} {:>7} {:>9}  first divergent",
+        "model", "mode", "reference", "prompt", "min cos", "max relL2", "KLD p99", "top-1", "margin", "tok/s"
     );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for r in &o.rows {
+        let divergent = match (&r.floor, &r.first_divergent) {
+            (None, _) => "- (no floor for this pair)".to_string(),
+            (Some(f), None) => format!("none (floor {f})"),
+            (Some(f), Some(d)) => format!("{d} (floor {f})"),
+        };
         let _ = writeln!(
             s,
-            "{:<14} {:<11} {:<16} {:<16} {:>10} {:>10} {:>10} {:>7} {:>9}  {}",
+            "{:<18} {:<11} {:<26} {:<14} {:>9} {:>10} {:>10} {:>7} {:>7} {:>9}  {}",
             r.model,
             r.mode,
             r.reference,
@@ -123,9 +129,10 @@ pub fn render(o: &OnceOutcome) -> String {
             opt(r.cosine_min, &|v| format!("{v:.6}")),
             opt(r.rel_l2_max, &sci),
             opt(r.kld_p99, &sci),
-            opt(r.top1, &|v| format!("{:.1}%", 100.0 * v)),
+            opt(r.top1, &pct),
+            opt(r.top1_margin_aware, &pct),
             opt(r.decode_tok_s.or(r.prefill_tok_s), &|v| format!("{v:.1}")),
-            r.first_divergent.as_deref().unwrap_or("none")
+            divergent
         );
     }
     let _ = writeln!(s);
