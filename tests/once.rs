@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use paritybench::config::Config;
-use paritybench::once::record::{RunRecord, Status};
+use paritybench::once::record::{RunDetails, RunStatus};
 use paritybench::protocol::{
     CapturePoint, CaptureRecord, DumpWriter, EngineInfo, Manifest, Mode, ModelInfo, ModelRef, Prompt, PromptShard,
     Request, Tensor, Timings, TokenizerInfo,
@@ -156,7 +156,7 @@ impl World {
         self.root().join("data")
     }
     /// Every recorded run, read back through the recorder `runner once` uses.
-    fn records(&self) -> Vec<RunRecord> {
+    fn records(&self) -> Vec<RunDetails> {
         let (cache, data) = (self.root().join("cache"), self.data());
         let env = |k: &str| match k {
             "PARITYBENCH_CACHE" => Some(cache.display().to_string()),
@@ -345,22 +345,19 @@ fn the_same_commit_twice_stores_bit_identical_parity_numbers() {
     println!("{table}");
     let r = w.records();
     assert_eq!(r.len(), 2);
-    let (a, b) = (r[0].results.as_ref().unwrap(), r[1].results.as_ref().unwrap());
+    let (a, b) = (&r[0], &r[1]);
     assert!(!a.measurements.is_empty() && !a.layers.is_empty());
     let parity = |m: &paritybench::once::record::Measurement| !m.metric.ends_with("tok_s");
-    let bits = |x: &paritybench::once::record::RunResults| -> Vec<(String, u64)> {
+    let bits = |x: &RunDetails| -> Vec<(String, u64)> {
         x.measurements
             .iter()
             .filter(|m| parity(m))
             .map(|m| {
-                (
-                    format!("{}/{}/{}/{:?}/{}/{}", m.model, m.reference, m.mode, m.prompt, m.metric, m.statistic),
-                    m.value.to_bits(),
-                )
+                (format!("{}/{}/{:?}/{}/{}", m.model, m.reference, m.prompt, m.metric, m.statistic), m.value.to_bits())
             })
             .chain(x.layers.iter().map(|l| {
                 (
-                    format!("{}/{}/{}", l.mode, l.capture, l.layer),
+                    format!("{}/{}/{}", l.reference, l.capture, l.layer),
                     l.rel_l2.to_bits() ^ l.cosine.to_bits().rotate_left(1),
                 )
             }))
@@ -397,8 +394,8 @@ fn a_hanging_engine_is_killed_and_recorded() {
     assert!(stderr.contains("timed out") && stderr.contains("waiting forever"), "{stderr}");
     let r = w.records();
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].status, Status::Errored);
-    assert!(r[0].results.as_ref().unwrap().error.as_deref().unwrap().contains("timed out"));
+    assert_eq!(r[0].run.status, RunStatus::Errored);
+    assert!(r[0].run.error.as_deref().unwrap().contains("timed out"));
 }
 
 #[test]
@@ -417,7 +414,7 @@ fn nan_fails_every_gate_it_touches() {
     let r = w.records();
     assert_eq!(r.len(), 1);
     // one NaN logit in each of the two prompts, counted against both references in both modes
-    let m = &r[0].results.as_ref().unwrap().measurements;
+    let m = &r[0].measurements;
     let nonfinite: Vec<f64> =
         m.iter().filter(|m| m.metric == "nonfinite" && m.prompt.is_none()).map(|m| m.value).collect();
     assert_eq!(nonfinite, [2.0; 4]);
@@ -454,8 +451,8 @@ fn an_engine_that_dies_half_way_keeps_what_it_finished() {
     assert_eq!(prompts, ["alpha"; 4], "2 references × 2 modes");
     let r = w.records();
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].status, Status::Errored);
-    let res = r[0].results.as_ref().unwrap();
+    assert_eq!(r[0].run.status, RunStatus::Errored);
+    let res = &r[0];
     assert!(res.measurements.iter().any(|m| m.prompt.as_deref() == Some("alpha") && m.metric == "logits.rel_l2"));
     assert!(res.measurements.iter().all(|m| m.prompt.as_deref() != Some("beta")));
     assert!(!res.verdicts.is_empty() && res.verdicts.iter().all(|v| v.passed), "{:?}", res.verdicts);

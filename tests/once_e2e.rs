@@ -12,7 +12,7 @@ use std::process::Command;
 
 use paritybench::config::Config;
 use paritybench::metrics::{self, NoiseFloors};
-use paritybench::once::record::{RunRecord, Status};
+use paritybench::once::record::{self, RunDetails, RunStatus};
 use paritybench::protocol::{Dump, Mode, ModelRef, Prompt, Request};
 
 const ENGINE: &str = include_str!("support/toy_engine.py");
@@ -82,7 +82,7 @@ impl World {
     }
 
     /// Every run in the database, read back through the recorder `runner once` uses.
-    fn records(&self) -> Vec<RunRecord> {
+    fn records(&self) -> Vec<RunDetails> {
         let (cache, data) = (self.root().join("cache"), self.data());
         let env = |k: &str| match k {
             "PARITYBENCH_CACHE" => Some(cache.display().to_string()),
@@ -234,8 +234,12 @@ fn correct_scaled_crash(w: &World) {
     assert!((0.9e-3..1.1e-3).contains(&layer), "layer rel-L2 {layer}: the scale shows at its own size");
     let before = w.records();
     assert_eq!(before.len(), 2);
-    let stored = before[1].results.as_ref().unwrap();
-    let l2 = stored.layers.iter().find(|l| l.capture == "layer_out" && l.layer == 2 && l.mode == "prefill").unwrap();
+    let stored = &before[1];
+    let l2 = stored
+        .layers
+        .iter()
+        .find(|l| l.capture == "layer_out" && l.layer == 2 && l.reference == "hf-fp32-eager")
+        .unwrap();
     assert!((0.9e-3..1.1e-3).contains(&l2.rel_l2), "{l2:?}");
     let early = stored.layers.iter().filter(|l| l.layer < 2 && l.capture != "final_norm");
     assert!(early.clone().count() > 0 && early.into_iter().all(|l| l.rel_l2 == 0.0), "layers before 2 are exact");
@@ -248,16 +252,16 @@ fn correct_scaled_crash(w: &World) {
     let after = w.records();
     assert_eq!(after.len(), 3);
     let crash = &after[2];
-    assert_eq!(crash.status, Status::Errored);
-    assert_eq!(crash.run.commit_sha, w.sha("crash"));
-    let res = crash.results.as_ref().unwrap();
-    assert!(res.error.as_deref().unwrap().contains("toy: segmentation fault in layer 2"), "{:?}", res.error);
-    assert!(res.measurements.is_empty() && res.layers.is_empty() && res.verdicts.is_empty());
-    let log = w.data().join("runs").join(crash.id.to_string());
-    let log = log.join(res.logs.iter().find(|l| l.ends_with("engine.stderr")).unwrap());
+    assert_eq!(crash.run.status, RunStatus::Errored);
+    assert_eq!(crash.run.commit_sha.as_str(), w.sha("crash"));
+    let error = crash.run.error.as_deref().unwrap();
+    assert!(error.contains("toy: segmentation fault in layer 2"), "{error}");
+    assert!(crash.measurements.is_empty() && crash.layers.is_empty() && crash.verdicts.is_empty());
+    let dir = w.data().join("runs").join(crash.run.id.to_string());
+    let log = dir.join(record::run_logs(&dir).into_iter().find(|l| l.ends_with("engine.stderr")).unwrap());
     assert!(std::fs::read_to_string(log).unwrap().contains("segmentation fault"));
     for (a, b) in before.iter().zip(&after) {
-        assert_eq!(serde_json::to_string(a).unwrap(), serde_json::to_string(b).unwrap(), "run {} changed", a.id);
+        assert_eq!(serde_json::to_string(a).unwrap(), serde_json::to_string(b).unwrap(), "run {} changed", a.run.id);
     }
 }
 

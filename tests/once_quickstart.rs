@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use paritybench::config::Config;
-use paritybench::once::record::{RunRecord, RunResults, Status};
+use paritybench::once::record::{RunDetails, RunStatus};
 
 /// The shared fixtures, or `None` (skipped, except under CI) when they were never built.
 fn fixtures() -> Option<PathBuf> {
@@ -73,7 +73,7 @@ impl Quickstart {
         (out.status.code().unwrap_or(-1), json, stderr)
     }
 
-    fn records(&self) -> Vec<RunRecord> {
+    fn records(&self) -> Vec<RunDetails> {
         let env = self.env();
         let lookup = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.display().to_string());
         let cfg = Config::load_with(Some(&self.tmp.path().join("runner.toml")), lookup).unwrap();
@@ -82,17 +82,17 @@ impl Quickstart {
 }
 
 /// Every parity number a run stored, keyed, as bits (speed numbers excluded).
-fn parity_bits(r: &RunResults) -> Vec<(String, u64)> {
+fn parity_bits(r: &RunDetails) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = r
         .measurements
         .iter()
         .filter(|m| !m.metric.ends_with("tok_s"))
         .map(|m| {
-            let key = format!("{}/{}/{}/{:?}/{}/{}", m.model, m.reference, m.mode, m.prompt, m.metric, m.statistic);
+            let key = format!("{}/{}/{:?}/{}/{}", m.model, m.reference, m.prompt, m.metric, m.statistic);
             (key, m.value.to_bits())
         })
         .chain(r.layers.iter().flat_map(|l| {
-            let key = format!("{}/{}/{}/{}/{}", l.model, l.reference, l.mode, l.capture, l.layer);
+            let key = format!("{}/{}/{}/{}", l.model, l.reference, l.capture, l.layer);
             [(format!("{key}/rel_l2"), l.rel_l2.to_bits()), (format!("{key}/cosine"), l.cosine.to_bits())]
         }))
         .chain(r.verdicts.iter().filter(|v| !v.metric.ends_with("tok_s")).map(|v| {
@@ -142,8 +142,8 @@ fn once_head_on_the_bundled_suite_passes_and_repeats_bit_identically() {
     assert_eq!(code, 0, "{second}");
     let runs = q.records();
     assert_eq!(runs.len(), 2);
-    assert!(runs.iter().all(|r| r.status == Status::Passed));
-    let (a, b) = (runs[0].results.as_ref().unwrap(), runs[1].results.as_ref().unwrap());
+    assert!(runs.iter().all(|r| r.run.status == RunStatus::Passed));
+    let (a, b) = (&runs[0], &runs[1]);
     let (a, b) = (parity_bits(a), parity_bits(b));
     assert!(a.len() > 1000, "{} parity numbers stored", a.len());
     assert_eq!(a, b, "the second run of the same commit stored different parity numbers");

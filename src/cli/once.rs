@@ -12,7 +12,8 @@ use anyhow::Context;
 
 use super::Outcome;
 use crate::config::Config;
-use crate::once::record::Status;
+use crate::contracts::Severity;
+use crate::once::record::RunStatus;
 use crate::once::{self, OnceArgs, OnceOutcome, Progress};
 
 #[derive(clap::Args, Debug)]
@@ -50,9 +51,9 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         print!("{}", render(&outcome));
     }
     match outcome.status {
-        Status::Passed => Ok(Outcome::Passed),
-        Status::Failed => Ok(Outcome::GateFailed),
-        Status::Errored | Status::Running => Err(anyhow::anyhow!(
+        RunStatus::Passed => Ok(Outcome::Passed),
+        RunStatus::Failed => Ok(Outcome::GateFailed),
+        RunStatus::Errored | RunStatus::Running | RunStatus::Queued => Err(anyhow::anyhow!(
             "run {} of {} at {} errored: {}",
             outcome.run_id,
             outcome.engine,
@@ -140,14 +141,14 @@ pub fn render(o: &OnceOutcome) -> String {
         let _ = writeln!(
             s,
             "{:<7} {}/{} {} {} {} {} {} = {} ({} samples; {} {} {}){}",
-            v.outcome.to_uppercase(),
+            v.outcome.as_str().to_uppercase(),
             v.contract.id,
             v.gate_id,
             v.reduction,
             v.metric,
             v.comparison,
             v.threshold,
-            if v.severity == "error" { "" } else { "[warning]" },
+            if v.severity == Severity::Error { "" } else { "[warning]" },
             v.observed.map_or("-".into(), |x| format!("{x:.6e}")),
             v.n_samples,
             v.model,

@@ -10,7 +10,7 @@
 //! - [`git`] — revision -> [`git::CommitSha`], worktrees under the cache
 //! - [`refs`] — the reference dumps of a suite and the requests built from them
 //! - [`judge`] — contracts (seam onto `src/contracts`)
-//! - [`record`] — the run record (seam onto `src/store`)
+//! - [`record`] — the run record: the store's types and the seam onto `src/store`
 
 pub mod git;
 pub mod judge;
@@ -26,11 +26,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{Config, EngineConfig};
+use crate::contracts::Severity;
 use crate::exec;
 use crate::metrics::{self, Report};
 use crate::protocol::Dump;
 use judge::{Contracts, Subject};
-use record::{LayerParity, Measurement, NewRunRecord, Recorder, RunResults, SeriesSubject, Status, VerdictRecord};
+use record::{
+    LayerParity, Measurement, Recorder, RunResults, RunStart, RunStatus, SeriesSubject, StoredVerdict, series_reference,
+};
 use refs::{ModelGroup, Variant};
 
 /// Why `runner once` could not start a run (exit 2; nothing recorded).
@@ -120,10 +123,12 @@ pub struct OnceOutcome {
     pub engine: String,
     pub commit: String,
     pub generation: i64,
-    pub status: Status,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub rows: Vec<Row>,
-    pub verdicts: Vec<VerdictRecord>,
+    pub verdicts: Vec<StoredVerdict>,
+    /// Log files kept (build and engine stdout/stderr), relative to `run_dir`.
+    pub logs: Vec<String>,
 }
 
 /// Resolves, checks, records, builds, runs, compares, judges, finishes the record.
@@ -161,7 +166,7 @@ pub fn run(
     let groups = refs::discover(&cfg.cache_dir, &suite)?;
 
     // 3. the record, before anything can crash
-    let new = NewRunRecord {
+    let new = RunStart {
         engine: engine.name.clone(),
         repo: engine.repo.clone().or_else(|| Some(repo.display().to_string())),
         commit_sha: commit.sha.to_string(),
@@ -189,11 +194,11 @@ pub fn run(
     let error = measure(cfg, &engine, &repo, &commit.sha, &groups, &run_dir, &contracts, progress, &mut state).err();
     progress.done();
 
-    let blocked = state.verdicts.iter().any(VerdictRecord::blocks);
+    let blocked = state.verdicts.iter().any(|v| v.severity == Severity::Error && !v.passed);
     let status = match (&error, blocked) {
-        (Some(_), _) => Status::Errored,
-        (None, true) => Status::Failed,
-        (None, false) => Status::Passed,
+        (Some(_), _) => RunStatus::Errored,
+        (None, true) => RunStatus::Failed,
+        (None, false) => RunStatus::Passed,
     };
     let results = RunResults {
         status,
@@ -203,7 +208,6 @@ pub fn run(
         measurements: state.measurements,
         layers: state.layers,
         verdicts: state.verdicts.clone(),
-        logs: state.logs,
     };
     recorder.finish_run(run_id, &results)?;
     Ok(OnceOutcome {
@@ -216,6 +220,7 @@ pub fn run(
         error,
         rows: state.rows,
         verdicts: state.verdicts,
+        logs: state.logs,
     })
 }
 
@@ -226,7 +231,7 @@ struct RunState {
     series: Vec<SeriesSubject>,
     measurements: Vec<Measurement>,
     layers: Vec<LayerParity>,
-    verdicts: Vec<VerdictRecord>,
+    verdicts: Vec<StoredVerdict>,
     rows: Vec<Row>,
     logs: Vec<String>,
 }
@@ -494,10 +499,12 @@ fn record_report(
     let r = pair.reference;
     let label = g.label().to_string();
     let mode = variant.mode.as_str().to_string();
+    // a series per (model file, reference, mode): incremental runs are stored as `<ref>/incremental`
+    let stored_ref = series_reference(&r.id, &mode);
     let subject_series = SeriesSubject {
         model: label.clone(),
         model_sha256: g.model_sha256.clone(),
-        reference: r.id.clone(),
+        reference: stored_ref.clone(),
         fixture_id: r.fixture_id.clone(),
     };
     if !state.series.contains(&subject_series) {
@@ -506,8 +513,7 @@ fn record_report(
     let perf = perf_samples(dump);
     let m = |prompt: Option<&str>, metric: &str, statistic: &str, value: f64| Measurement {
         model: label.clone(),
-        reference: r.id.clone(),
-        mode: mode.clone(),
+        reference: stored_ref.clone(),
         prompt: prompt.map(str::to_string),
         metric: metric.into(),
         statistic: statistic.into(),
@@ -574,8 +580,7 @@ fn record_report(
         if let metrics::report::LayerSummaryValues::Float { rel_l2, cosine, .. } = l.values {
             state.layers.push(LayerParity {
                 model: label.clone(),
-                reference: r.id.clone(),
-                mode: mode.clone(),
+                reference: stored_ref.clone(),
                 prompt: None,
                 capture: l.capture.as_str().into(),
                 layer: i64::from(l.layer),
@@ -612,7 +617,7 @@ fn record_report(
         noise_floors: contract_floors(pair.floor),
     };
     let verdicts = contracts.evaluate(std::slice::from_ref(&subject));
-    state.verdicts.extend(verdicts);
+    state.verdicts.extend(verdicts.into_iter().map(|v| StoredVerdict { reference: stored_ref.clone(), ..v }));
 }
 
 /// The noise floors a contract's floor-relative gates see: the pair's logits floor, and for
