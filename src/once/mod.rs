@@ -403,10 +403,13 @@ fn run_variant(
             },
             None => MIN_TIE_THRESHOLD,
         };
+        // a capture the pair's floor does not cover (llama.cpp records none) is never named
+        // divergent by an absolute fallback: without its floor it is not judged at all
         let opts = metrics::Options {
             floors: floor.map(|f| f.floors.clone()),
             floor_k: cfg.floor_k,
             tie_threshold,
+            layer_threshold: if floor.is_some() { f64::INFINITY } else { metrics::Options::default().layer_threshold },
             ..metrics::Options::default()
         };
         let report = match metrics::compare(&dump, &reference, &opts) {

@@ -145,9 +145,7 @@ impl ModelGroup {
             .iter()
             .filter(|f| {
                 let ids = f.reference_ids();
-                ids.len() == 2
-                    && ids.contains(&r.id)
-                    && ids.iter().any(|i| *i != r.id && twins.contains(&i.as_str()))
+                ids.len() == 2 && ids.contains(&r.id) && ids.iter().any(|i| *i != r.id && twins.contains(&i.as_str()))
             })
             .max_by(|a, b| a.floors.logits.total_cmp(&b.floors.logits).then_with(|| b.name.cmp(&a.name)))
     }
