@@ -9,9 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash runners/setup.sh)"
+# Build into the target directory `runner once` builds the engine in (shared across commits):
+# its own build at HEAD then reuses every compiled dependency.
+export CARGO_TARGET_DIR="$PARITYBENCH_CACHE/targets/paritybench"
 cargo build --release --locked --bin runner
+runner="$CARGO_TARGET_DIR/release/runner"
 status=0
-target/release/runner fixtures build || status=$?
+"$runner" fixtures build || status=$?
 if [[ $status -eq 2 ]]; then exit 2; fi
 if [[ $status -eq 1 ]]; then echo "warning: a reference cross-check failed (see the table above); continuing" >&2; fi
-exec target/release/runner once --commit "${1:-HEAD}"
+exec "$runner" once --commit "${1:-HEAD}"

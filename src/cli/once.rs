@@ -12,7 +12,8 @@ use anyhow::Context;
 
 use super::Outcome;
 use crate::config::Config;
-use crate::once::record::Status;
+use crate::contracts::Severity;
+use crate::once::record::RunStatus;
 use crate::once::{self, OnceArgs, OnceOutcome, Progress};
 
 #[derive(clap::Args, Debug)]
@@ -50,9 +51,9 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         print!("{}", render(&outcome));
     }
     match outcome.status {
-        Status::Passed => Ok(Outcome::Passed),
-        Status::Failed => Ok(Outcome::GateFailed),
-        Status::Errored | Status::Running => Err(anyhow::anyhow!(
+        RunStatus::Passed => Ok(Outcome::Passed),
+        RunStatus::Failed => Ok(Outcome::GateFailed),
+        RunStatus::Errored | RunStatus::Running | RunStatus::Queued => Err(anyhow::anyhow!(
             "run {} of {} at {} errored: {}",
             outcome.run_id,
             outcome.engine,
@@ -109,13 +110,19 @@ pub fn render(o: &OnceOutcome) -> String {
     let _ = writeln!(s, "run {} — {} at {} (generation {})", o.run_id, o.engine, o.commit, o.generation);
     let _ = writeln!(
         s,
-        "{:<14} {:<11} {:<16} {:<16} {:>10} {:>10} {:>10} {:>7} {:>9}  first divergent",
-        "model", "mode", "reference", "prompt", "min cos", "max relL2", "KLD p99", "top-1", "tok/s"
+        "{:<18} {:<11} {:<26} {:<14} {:>9} {:>10} {:>10} {:>7} {:>7} {:>9}  first divergent",
+        "model", "mode", "reference", "prompt", "min cos", "max relL2", "KLD p99", "top-1", "margin", "tok/s"
     );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for r in &o.rows {
+        let divergent = match (&r.floor, &r.first_divergent) {
+            (None, _) => "- (no floor for this pair)".to_string(),
+            (Some(f), None) => format!("none (floor {f})"),
+            (Some(f), Some(d)) => format!("{d} (floor {f})"),
+        };
         let _ = writeln!(
             s,
-            "{:<14} {:<11} {:<16} {:<16} {:>10} {:>10} {:>10} {:>7} {:>9}  {}",
+            "{:<18} {:<11} {:<26} {:<14} {:>9} {:>10} {:>10} {:>7} {:>7} {:>9}  {}",
             r.model,
             r.mode,
             r.reference,
@@ -123,9 +130,10 @@ pub fn render(o: &OnceOutcome) -> String {
             opt(r.cosine_min, &|v| format!("{v:.6}")),
             opt(r.rel_l2_max, &sci),
             opt(r.kld_p99, &sci),
-            opt(r.top1, &|v| format!("{:.1}%", 100.0 * v)),
+            opt(r.top1, &pct),
+            opt(r.top1_margin_aware, &pct),
             opt(r.decode_tok_s.or(r.prefill_tok_s), &|v| format!("{v:.1}")),
-            r.first_divergent.as_deref().unwrap_or("none")
+            divergent
         );
     }
     let _ = writeln!(s);
@@ -133,14 +141,14 @@ pub fn render(o: &OnceOutcome) -> String {
         let _ = writeln!(
             s,
             "{:<7} {}/{} {} {} {} {} {} = {} ({} samples; {} {} {}){}",
-            v.outcome.to_uppercase(),
+            v.outcome.as_str().to_uppercase(),
             v.contract.id,
             v.gate_id,
             v.reduction,
             v.metric,
             v.comparison,
             v.threshold,
-            if v.severity == "error" { "" } else { "[warning]" },
+            if v.severity == Severity::Error { "" } else { "[warning]" },
             v.observed.map_or("-".into(), |x| format!("{x:.6e}")),
             v.n_samples,
             v.model,

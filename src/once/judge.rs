@@ -3,15 +3,11 @@
 //! `runner once` hands [`Subject`]s (samples by metric name, per model × reference × mode)
 //! to [`Contracts::evaluate`], which runs every contract's gates through
 //! [`crate::contracts::Contract::evaluate`] and returns the verdicts as the run records them.
-//!
-//! NOT YET COMPILED on this branch: it replaces `once/judge.rs` (the interim reader) once
-//! `src/contracts` is merged (`git mv src/once/judge_contracts.rs src/once/judge.rs`). It was
-//! built and the `tests/once.rs` suite passed through it on a scratch tree with `src/contracts`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::record::{ContractId, VerdictRecord};
+use super::record::{ContractRef, StoredVerdict};
 use crate::contracts::{self, Contract, Metric};
 
 pub use crate::contracts::ContractError;
@@ -48,19 +44,16 @@ impl Contracts {
         Ok(Contracts { contracts })
     }
 
-    pub fn ids(&self) -> Vec<ContractId> {
-        self.contracts
-            .iter()
-            .map(|c| ContractId { id: c.id.clone(), version: c.version.clone(), sha256: c.sha256.clone() })
-            .collect()
+    pub fn ids(&self) -> Vec<ContractRef> {
+        self.contracts.iter().map(Contract::reference).collect()
     }
 
     /// Every gate on every subject in its scope, contracts and gates in file order.
-    pub fn evaluate(&self, subjects: &[Subject]) -> Vec<VerdictRecord> {
+    pub fn evaluate(&self, subjects: &[Subject]) -> Vec<StoredVerdict> {
         let subjects: Vec<contracts::Subject> = subjects.iter().map(to_contract_subject).collect();
         let mut out = Vec::new();
         for c in &self.contracts {
-            out.extend(c.evaluate(&subjects).verdicts.iter().map(to_record));
+            out.extend(c.evaluate(&subjects).verdicts.iter().map(StoredVerdict::from));
         }
         out
     }
@@ -80,32 +73,5 @@ fn to_contract_subject(s: &Subject) -> contracts::Subject {
         prompt: None,
         samples: by_metric(&s.samples),
         noise_floors: s.noise_floors.iter().filter_map(|(k, &v)| Some((Metric::parse(k)?, v))).collect(),
-    }
-}
-
-fn to_record(v: &contracts::Verdict) -> VerdictRecord {
-    VerdictRecord {
-        contract: ContractId {
-            id: v.contract.id.clone(),
-            version: v.contract.version.clone(),
-            sha256: v.contract.sha256.clone(),
-        },
-        gate_id: v.gate_id.clone(),
-        metric: v.metric.as_str().into(),
-        reduction: v.reduction.as_str().into(),
-        comparison: v.comparison.as_str().into(),
-        threshold: v.threshold,
-        floor: v.floor,
-        observed: v.observed,
-        n_samples: v.n_samples as i64,
-        outcome: v.outcome.as_str().into(),
-        passed: v.passed(),
-        severity: v.severity.as_str().into(),
-        model: v.model.clone(),
-        reference: v.reference.clone(),
-        prompt: v.prompt.clone(),
-        dtype: v.dtype.clone(),
-        mode: v.mode.clone(),
-        detail: v.detail.clone(),
     }
 }

@@ -10,7 +10,7 @@
 //! - [`git`] — revision -> [`git::CommitSha`], worktrees under the cache
 //! - [`refs`] — the reference dumps of a suite and the requests built from them
 //! - [`judge`] — contracts (seam onto `src/contracts`)
-//! - [`record`] — the run record (seam onto `src/store`)
+//! - [`record`] — the run record: the store's types and the seam onto `src/store`
 
 pub mod git;
 pub mod judge;
@@ -26,11 +26,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{Config, EngineConfig};
+use crate::contracts::Severity;
 use crate::exec;
 use crate::metrics::{self, Report};
 use crate::protocol::Dump;
 use judge::{Contracts, Subject};
-use record::{LayerParity, Measurement, NewRunRecord, Recorder, RunResults, SeriesSubject, Status, VerdictRecord};
+use record::{
+    LayerParity, Measurement, Recorder, RunResults, RunStart, RunStatus, SeriesSubject, StoredVerdict, series_reference,
+};
 use refs::{ModelGroup, Variant};
 
 /// Why `runner once` could not start a run (exit 2; nothing recorded).
@@ -95,7 +98,17 @@ pub struct Row {
     pub kld_p99: Option<f64>,
     #[serde(with = "crate::metrics::report::num_opt")]
     pub top1: Option<f64>,
+    #[serde(with = "crate::metrics::report::num_opt")]
+    pub top1_margin_aware: Option<f64>,
+    /// The first capture (or `logits`) whose rel-L2 exceeds `floor_k ×` the pair's noise
+    /// floor; `None` when nothing does, or when the pair has no floor (see `floor`).
     pub first_divergent: Option<String>,
+    /// The noise floor file of the pair (`fp16-vs-fp32`, ...); `None`: no floor is measured
+    /// for this kind of pair, so no layer is named.
+    pub floor: Option<String>,
+    /// The margin-aware top-1 tie threshold derived from the floor.
+    #[serde(with = "crate::metrics::report::num")]
+    pub tie_threshold: f64,
     #[serde(with = "crate::metrics::report::num_opt")]
     pub decode_tok_s: Option<f64>,
     #[serde(with = "crate::metrics::report::num_opt")]
@@ -110,10 +123,12 @@ pub struct OnceOutcome {
     pub engine: String,
     pub commit: String,
     pub generation: i64,
-    pub status: Status,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub rows: Vec<Row>,
-    pub verdicts: Vec<VerdictRecord>,
+    pub verdicts: Vec<StoredVerdict>,
+    /// Log files kept (build and engine stdout/stderr), relative to `run_dir`.
+    pub logs: Vec<String>,
 }
 
 /// Resolves, checks, records, builds, runs, compares, judges, finishes the record.
@@ -151,7 +166,7 @@ pub fn run(
     let groups = refs::discover(&cfg.cache_dir, &suite)?;
 
     // 3. the record, before anything can crash
-    let new = NewRunRecord {
+    let new = RunStart {
         engine: engine.name.clone(),
         repo: engine.repo.clone().or_else(|| Some(repo.display().to_string())),
         commit_sha: commit.sha.to_string(),
@@ -160,7 +175,13 @@ pub fn run(
         suite: suite.clone(),
         device_key: device_key(&engine.device),
         host: std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()),
-        fixture_ids: groups.iter().flat_map(|g| g.references.iter().map(|r| r.fixture_id.clone())).collect(),
+        fixture_ids: {
+            let mut ids: Vec<String> =
+                groups.iter().flat_map(|g| g.references.iter().map(|r| r.fixture_id.clone())).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        },
         contracts: contracts.ids(),
     };
     let run_id = recorder.create_run(&new)?;
@@ -173,11 +194,11 @@ pub fn run(
     let error = measure(cfg, &engine, &repo, &commit.sha, &groups, &run_dir, &contracts, progress, &mut state).err();
     progress.done();
 
-    let blocked = state.verdicts.iter().any(VerdictRecord::blocks);
+    let blocked = state.verdicts.iter().any(|v| v.severity == Severity::Error && !v.passed);
     let status = match (&error, blocked) {
-        (Some(_), _) => Status::Errored,
-        (None, true) => Status::Failed,
-        (None, false) => Status::Passed,
+        (Some(_), _) => RunStatus::Errored,
+        (None, true) => RunStatus::Failed,
+        (None, false) => RunStatus::Passed,
     };
     let results = RunResults {
         status,
@@ -187,7 +208,6 @@ pub fn run(
         measurements: state.measurements,
         layers: state.layers,
         verdicts: state.verdicts.clone(),
-        logs: state.logs,
     };
     recorder.finish_run(run_id, &results)?;
     Ok(OnceOutcome {
@@ -200,6 +220,7 @@ pub fn run(
         error,
         rows: state.rows,
         verdicts: state.verdicts,
+        logs: state.logs,
     })
 }
 
@@ -210,7 +231,7 @@ struct RunState {
     series: Vec<SeriesSubject>,
     measurements: Vec<Measurement>,
     layers: Vec<LayerParity>,
-    verdicts: Vec<VerdictRecord>,
+    verdicts: Vec<StoredVerdict>,
     rows: Vec<Row>,
     logs: Vec<String>,
 }
@@ -248,7 +269,7 @@ fn measure(
     let mut first_error: Option<String> = None;
     for g in groups {
         for variant in g.variants(engine.incremental) {
-            progress.step(&format!("{} {} ({})", engine.name, g.model, variant.mode.as_str()));
+            progress.step(&format!("{} {} ({})", engine.name, g.label(), variant.mode.as_str()));
             if let Err(e) = run_variant(cfg, engine, &vars, g, &variant, run_dir, contracts, state) {
                 first_error.get_or_insert(e);
             }
@@ -340,7 +361,7 @@ fn run_variant(
         Some(format!(
             "engine {} on {} ({}) {}; stderr ends:\n{}",
             engine.name,
-            g.model,
+            g.label(),
             variant.mode.as_str(),
             describe(&f.ending),
             f.stderr_tail(20)
@@ -350,17 +371,18 @@ fn run_variant(
         Ok(d) => d,
         Err(e) => {
             return Err(ended.unwrap_or_else(|| {
-                format!("engine {} on {}: exited 0 but left no readable dump: {e}", engine.name, g.model)
+                format!("engine {} on {}: exited 0 but left no readable dump: {e}", engine.name, g.label())
             }));
         }
     };
     let ended = ended.or_else(|| {
         (!dump.manifest.complete)
-            .then(|| format!("engine {} on {}: exited 0 but the dump is incomplete", engine.name, g.model))
+            .then(|| format!("engine {} on {}: exited 0 but the dump is incomplete", engine.name, g.label()))
     });
     if dump.manifest.prompts.is_empty() {
-        return Err(ended.unwrap_or_else(|| format!("engine {} on {}: no prompt finished", engine.name, g.model)));
+        return Err(ended.unwrap_or_else(|| format!("engine {} on {}: no prompt finished", engine.name, g.label())));
     }
+    let engine_dtype = dump.manifest.model.compute_dtype.to_lowercase();
     let mut compare_error = None;
     for r in &g.references {
         let reference = match Dump::open_complete(&r.dir) {
@@ -370,15 +392,35 @@ fn run_variant(
                 continue;
             }
         };
-        let opts = metrics::Options { floors: g.floors.clone(), floor_k: cfg.floor_k, ..metrics::Options::default() };
+        let floor = g.pair_floor(r, &engine_dtype);
+        let tie_threshold = match floor {
+            Some(f) => match logits_rms(&reference) {
+                Ok(rms) => tie_threshold(f.floors.logits, rms),
+                Err(e) => {
+                    compare_error.get_or_insert(format!("reference {}: {e}", r.id));
+                    continue;
+                }
+            },
+            None => MIN_TIE_THRESHOLD,
+        };
+        // a capture the pair's floor does not cover (llama.cpp records none) is never named
+        // divergent by an absolute fallback: without its floor it is not judged at all
+        let opts = metrics::Options {
+            floors: floor.map(|f| f.floors.clone()),
+            floor_k: cfg.floor_k,
+            tie_threshold,
+            layer_threshold: if floor.is_some() { f64::INFINITY } else { metrics::Options::default().layer_threshold },
+            ..metrics::Options::default()
+        };
         let report = match metrics::compare(&dump, &reference, &opts) {
             Ok(rep) => rep,
             Err(e) => {
-                compare_error.get_or_insert(format!("comparing {} with {}: {e}", g.model, r.id));
+                compare_error.get_or_insert(format!("comparing {} with {}: {e}", g.label(), r.id));
                 continue;
             }
         };
-        record_report(engine, g, r, variant, &dump, &report, contracts, state);
+        let pair = Pair { reference: r, floor, tie_threshold };
+        record_report(engine, g, &pair, variant, &dump, &report, contracts, state);
     }
     match ended.or(compare_error) {
         Some(e) => Err(e),
@@ -386,22 +428,86 @@ fn run_variant(
     }
 }
 
+/// The tie threshold of an exact f32 pair: logit margins at or below it are f32 rounding.
+pub const MIN_TIE_THRESHOLD: f64 = 1e-3;
+
+/// How many standard deviations of the pair's logit noise make a margin a tie.
+pub const TIE_Z: f64 = 3.0;
+
+/// The margin-aware top-1 tie threshold of a pair whose logits noise floor (the largest
+/// per-position rel-L2 measured between two references of this kind) is `floor`, for
+/// reference logits of root-mean-square `rms`.
+///
+/// A rel-L2 of `floor` at a position is a perturbation of per-logit size about
+/// `floor × rms`; the top-1/top-2 margin moves by the difference of two such
+/// perturbations, about `√2 × floor × rms`. A margin within `TIE_Z` of that is a tie the
+/// pair's own noise can flip, so there the engine's token need only be in the reference's
+/// top 2. Never below [`MIN_TIE_THRESHOLD`] (f32 rounding of the logits themselves).
+pub fn tie_threshold(floor: f64, rms: f64) -> f64 {
+    let t = TIE_Z * std::f64::consts::SQRT_2 * floor * rms;
+    if t.is_finite() { t.max(MIN_TIE_THRESHOLD) } else { MIN_TIE_THRESHOLD }
+}
+
+/// Root-mean-square of every finite logit of a dump (f64, prompts in manifest order).
+fn logits_rms(dump: &Dump) -> Result<f64, crate::protocol::ProtocolError> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for p in &dump.manifest.prompts {
+        let shard = dump.shard(&p.id)?;
+        let logits = shard.logits()?;
+        for &x in logits.to_f32().iter().filter(|x| x.is_finite()) {
+            sum += f64::from(x) * f64::from(x);
+            n += 1;
+        }
+    }
+    Ok(if n == 0 { 0.0 } else { (sum / n as f64).sqrt() })
+}
+
+/// One engine dump compared with one reference: the reference, the noise floor of the
+/// pair (see [`refs`]) and the tie threshold derived from it.
+struct Pair<'a> {
+    reference: &'a refs::Reference,
+    floor: Option<&'a refs::NamedFloors>,
+    tie_threshold: f64,
+}
+
+/// Samples a contract needs that are facts of the dumps rather than numbers:
+/// `tokenizer_parity` (per compared prompt with text: 1 when the engine's own tokenization
+/// equals the ids it was given) and `layer.count_parity` (per compared prompt: 1 when the
+/// engine recorded every capture tensor the reference holds; positions and shapes are
+/// already equal, or the comparison would have refused). Used where the report does not
+/// carry them itself.
+fn structural_samples(dump: &Dump, report: &Report) -> BTreeMap<String, Vec<f64>> {
+    let bit = |b: bool| if b { 1.0 } else { 0.0 };
+    let tokenizer = report
+        .prompts
+        .iter()
+        .filter_map(|p| dump.manifest.prompt(&p.id).and_then(|r| r.tokenizer_match).map(bit))
+        .collect();
+    let counts =
+        report.prompts.iter().map(|p| bit(!p.absent.iter().any(|a| a.absent_in == metrics::Side::Engine))).collect();
+    BTreeMap::from([("tokenizer_parity".to_string(), tokenizer), ("layer.count_parity".to_string(), counts)])
+}
+
 #[expect(clippy::too_many_arguments, reason = "the pieces of one comparison")]
 fn record_report(
     engine: &EngineConfig,
     g: &ModelGroup,
-    r: &refs::Reference,
+    pair: &Pair<'_>,
     variant: &Variant,
     dump: &Dump,
     report: &Report,
     contracts: &Contracts,
     state: &mut RunState,
 ) {
+    let r = pair.reference;
+    let label = g.label().to_string();
     let mode = variant.mode.as_str().to_string();
+    // a series per (model file, reference, mode): incremental runs are stored as `<ref>/incremental`
+    let stored_ref = series_reference(&r.id, &mode);
     let subject_series = SeriesSubject {
-        model: g.model.clone(),
+        model: label.clone(),
         model_sha256: g.model_sha256.clone(),
-        reference: r.id.clone(),
+        reference: stored_ref.clone(),
         fixture_id: r.fixture_id.clone(),
     };
     if !state.series.contains(&subject_series) {
@@ -409,9 +515,8 @@ fn record_report(
     }
     let perf = perf_samples(dump);
     let m = |prompt: Option<&str>, metric: &str, statistic: &str, value: f64| Measurement {
-        model: g.model.clone(),
-        reference: r.id.clone(),
-        mode: mode.clone(),
+        model: label.clone(),
+        reference: stored_ref.clone(),
         prompt: prompt.map(str::to_string),
         metric: metric.into(),
         statistic: statistic.into(),
@@ -435,7 +540,7 @@ fn record_report(
         }
         state.measurements.push(m(id, "nonfinite", "value", s.nonfinite as f64));
         state.rows.push(Row {
-            model: g.model.clone(),
+            model: label.clone(),
             mode: mode.clone(),
             reference: r.id.clone(),
             prompt: p.id.clone(),
@@ -443,7 +548,10 @@ fn record_report(
             rel_l2_max: s.rel_l2_max,
             kld_p99: s.kld.map(|k| k.p99),
             top1: s.top1.map(|t| t.rate),
-            first_divergent: p.first_divergent.as_ref().map(|d| d.tensor.clone()),
+            top1_margin_aware: s.top1_margin_aware.map(|t| t.rate),
+            first_divergent: pair.floor.and(p.first_divergent.as_ref()).map(|d| d.tensor.clone()),
+            floor: pair.floor.map(|f| f.name.clone()),
+            tie_threshold: pair.tie_threshold,
             decode_tok_s: dec,
             prefill_tok_s: pre,
         });
@@ -463,6 +571,8 @@ fn record_report(
         ("top1", "mean", ov.top1.map(|t| t.rate)),
         ("top1", "wilson_lower", ov.top1.map(|t| t.wilson_lower)),
         ("top1", "n", ov.top1.map(|t| t.n as f64)),
+        ("top1_margin_aware", "mean", ov.top1_margin_aware.map(|t| t.rate)),
+        ("top1_margin_aware", "tie_threshold", Some(pair.tie_threshold)),
         ("nonfinite", "value", Some(ov.nonfinite as f64)),
     ] {
         if let Some(v) = v {
@@ -472,9 +582,8 @@ fn record_report(
     for l in &report.overall.layers {
         if let metrics::report::LayerSummaryValues::Float { rel_l2, cosine, .. } = l.values {
             state.layers.push(LayerParity {
-                model: g.model.clone(),
-                reference: r.id.clone(),
-                mode: mode.clone(),
+                model: label.clone(),
+                reference: stored_ref.clone(),
                 prompt: None,
                 capture: l.capture.as_str().into(),
                 layer: i64::from(l.layer),
@@ -488,6 +597,9 @@ fn record_report(
     for (k, v) in report.samples().iter() {
         samples.entry(k.metric.clone()).or_default().extend_from_slice(v);
     }
+    for (k, v) in structural_samples(dump, report) {
+        samples.entry(k).or_insert(v);
+    }
     let mut pre = Vec::new();
     let mut dec = Vec::new();
     for p in &report.prompts {
@@ -498,21 +610,31 @@ fn record_report(
     }
     samples.insert("prefill_tok_s".into(), pre);
     samples.insert("decode_tok_s".into(), dec);
-    let mut floors = BTreeMap::new();
-    if let Some(f) = &g.floors {
-        floors.insert("logits.rel_l2".to_string(), f.logits);
-    }
     let subject = Subject {
         engine: engine.name.clone(),
-        model: g.model.clone(),
+        model: label,
         reference: r.id.clone(),
-        dtype: Some(r.dtype.clone()),
+        dtype: Some(g.dtype.clone()),
         mode: Some(mode.clone()),
         samples,
-        noise_floors: floors,
+        noise_floors: contract_floors(pair.floor),
     };
     let verdicts = contracts.evaluate(std::slice::from_ref(&subject));
-    state.verdicts.extend(verdicts);
+    state.verdicts.extend(verdicts.into_iter().map(|v| StoredVerdict { reference: stored_ref.clone(), ..v }));
+}
+
+/// The noise floors a contract's floor-relative gates see: the pair's logits floor, and for
+/// `layer.rel_l2` (whose samples pool every capture point and layer) the largest capture floor.
+fn contract_floors(floor: Option<&refs::NamedFloors>) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if let Some(f) = floor {
+        out.insert("logits.rel_l2".to_string(), f.floors.logits);
+        let layer = f.floors.captures.values().flat_map(|l| l.values().copied()).reduce(f64::max);
+        if let Some(x) = layer {
+            out.insert("layer.rel_l2".to_string(), x);
+        }
+    }
+    out
 }
 
 /// Prompt id -> (prefill tok/s, decode tok/s), medians over the timed repeats.

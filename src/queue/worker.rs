@@ -30,7 +30,6 @@ use chrono::Utc;
 use super::status::{CommitState, StatusPoster};
 use super::{RUN_JOB, RunJob, backoff};
 use crate::config::Config;
-use crate::once::record::Status;
 use crate::once::store_recorder::StoreRecorder;
 use crate::once::{self, OnceArgs, OnceError};
 use crate::store::{
@@ -57,7 +56,7 @@ pub enum Tick {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutcome {
     /// Measured (passed, failed or errored) and the job is done.
-    Measured { run: RunId, status: Status },
+    Measured { run: RunId, status: RunStatus },
     /// Measured before by `run`; not repeated.
     AlreadyMeasured { run: RunId },
     /// The attempt failed; the job is queued again after a backoff.
@@ -239,12 +238,12 @@ impl Worker {
                     tracing::warn!(job = %job.id, run = o.run_id, "the run was recorded but the lease had expired");
                 }
                 let (state, text) = match o.status {
-                    Status::Passed => (CommitState::Success, "every gate passed".to_string()),
-                    Status::Failed => {
+                    RunStatus::Passed => (CommitState::Success, "every gate passed".to_string()),
+                    RunStatus::Failed => {
                         let n = o.verdicts.iter().filter(|v| v.blocks()).count();
                         (CommitState::Failure, format!("{n} gate(s) failed"))
                     }
-                    Status::Errored | Status::Running => {
+                    RunStatus::Errored | RunStatus::Queued | RunStatus::Running => {
                         (CommitState::Error, format!("the run errored: {}", o.error.as_deref().unwrap_or("unknown")))
                     }
                 };
@@ -271,7 +270,7 @@ impl Worker {
         })
         .await;
         joined.unwrap_or_else(|e| {
-            Err(OnceError::Record(crate::once::record::RecordError::Store(format!("the run panicked: {e}"))))
+            Err(OnceError::Record(crate::once::record::RecordError::Panicked(e.to_string())))
         })
     }
 

@@ -387,6 +387,13 @@ pub struct StoredVerdict {
     pub detail: Option<String>,
 }
 
+impl StoredVerdict {
+    /// An error-severity gate that did not pass fails the run.
+    pub fn blocks(&self) -> bool {
+        self.severity == Severity::Error && !self.passed
+    }
+}
+
 impl From<&contracts::Verdict> for StoredVerdict {
     fn from(v: &contracts::Verdict) -> StoredVerdict {
         StoredVerdict {

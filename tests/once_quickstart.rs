@@ -1,0 +1,150 @@
+//! The README's first command, minus the one-time setup: `runner once --commit HEAD` on the
+//! bundled suite with the fixtures of `$PARITYBENCH_CACHE` (built by `runner fixtures build`),
+//! twice, on a fresh SQLite database. The first run must pass every gate of the shipped
+//! contracts against every suite model and every reference; the second must store
+//! bit-identical parity numbers (read back from the database).
+//!
+//! The engine is this build's own `runner` (the code at HEAD, built by cargo for this test)
+//! instead of a second release build in a worktree, which `runner once` would otherwise do
+//! with `cargo build --release` under the cache. It runs only in release builds (the debug
+//! engine is ~30× slower): `cargo test --release --test once_quickstart`, as CI does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use paritybench::config::Config;
+use paritybench::once::record::{RunDetails, RunStatus};
+
+/// The shared fixtures, or `None` (skipped, except under CI) when they were never built.
+fn fixtures() -> Option<PathBuf> {
+    let cache = std::env::var_os("PARITYBENCH_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/paritybench")))?;
+    let fixtures = cache.join("fixtures");
+    if fixtures.join("refs/default/fixture.json").exists() {
+        return Some(fixtures);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI is set but {} holds no fixtures", fixtures.display());
+    eprintln!("no fixtures under {}: run `runner fixtures build` first; skipped", fixtures.display());
+    None
+}
+
+struct Quickstart {
+    tmp: tempfile::TempDir,
+}
+
+impl Quickstart {
+    fn new(fixtures: &Path) -> Quickstart {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::os::unix::fs::symlink(fixtures, cache.join("fixtures")).unwrap();
+        std::fs::write(
+            tmp.path().join("runner.toml"),
+            format!(
+                "[engines.paritybench]\nbuild = \"true\"\nrun = \"{} engine run --request {{request}} --out {{out}}\"\n",
+                env!("CARGO_BIN_EXE_runner")
+            ),
+        )
+        .unwrap();
+        Quickstart { tmp }
+    }
+
+    fn env(&self) -> [(&'static str, PathBuf); 2] {
+        [("PARITYBENCH_CACHE", self.tmp.path().join("cache")), ("PARITYBENCH_DATA", self.tmp.path().join("data"))]
+    }
+
+    fn once(&self) -> (i32, serde_json::Value, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args(["once", "--commit", "HEAD", "--json", "--config"])
+            .arg(self.tmp.path().join("runner.toml"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .envs(self.env())
+            .env_remove("PARITYBENCH_DB")
+            .env_remove("PARITYBENCH_CONFIG")
+            .env_remove("PARITYBENCH_CONTRACTS")
+            .env_remove("PARITYBENCH_SUITE")
+            .env_remove("PARITYBENCH_ENGINE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}\n{stderr}"));
+        (out.status.code().unwrap_or(-1), json, stderr)
+    }
+
+    fn records(&self) -> Vec<RunDetails> {
+        let env = self.env();
+        let lookup = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.display().to_string());
+        let cfg = Config::load_with(Some(&self.tmp.path().join("runner.toml")), lookup).unwrap();
+        paritybench::once::open_recorder(&cfg, None).unwrap().runs().unwrap()
+    }
+}
+
+/// Every parity number a run stored, keyed, as bits (speed numbers excluded).
+fn parity_bits(r: &RunDetails) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = r
+        .measurements
+        .iter()
+        .filter(|m| !m.metric.ends_with("tok_s"))
+        .map(|m| {
+            let key = format!("{}/{}/{:?}/{}/{}", m.model, m.reference, m.prompt, m.metric, m.statistic);
+            (key, m.value.to_bits())
+        })
+        .chain(r.layers.iter().flat_map(|l| {
+            let key = format!("{}/{}/{}/{}", l.model, l.reference, l.capture, l.layer);
+            [(format!("{key}/rel_l2"), l.rel_l2.to_bits()), (format!("{key}/cosine"), l.cosine.to_bits())]
+        }))
+        .chain(r.verdicts.iter().filter(|v| !v.metric.ends_with("tok_s")).map(|v| {
+            let key = format!("{}/{}/{}/{}/{:?}", v.contract.id, v.gate_id, v.model, v.reference, v.mode);
+            (key, v.observed.map_or(u64::MAX, f64::to_bits))
+        }))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "the built-in engine in a debug build is too slow: run with --release")]
+fn once_head_on_the_bundled_suite_passes_and_repeats_bit_identically() {
+    let Some(fixtures) = fixtures() else { return };
+    let q = Quickstart::new(&fixtures);
+    let (code, first, stderr) = q.once();
+    let failed: Vec<String> = first["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["passed"] != true && v["severity"] == "error")
+        .map(|v| format!("{} {} {} {} observed {}", v["gate_id"], v["model"], v["reference"], v["mode"], v["observed"]))
+        .collect();
+    assert_eq!(
+        (code, &first["status"]),
+        (0, &serde_json::json!("passed")),
+        "failed gates:\n{}\n{stderr}",
+        failed.join("\n")
+    );
+
+    // every suite model and every reference was measured
+    let refs = fixtures.join("refs/default");
+    let rows = first["rows"].as_array().unwrap();
+    for model in std::fs::read_dir(&refs).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        for r in std::fs::read_dir(model.path()).unwrap().flatten().filter(|e| e.path().join("manifest.json").exists())
+        {
+            let (m, id) = (model.file_name().into_string().unwrap(), r.file_name().into_string().unwrap());
+            let seen = rows.iter().any(|row| {
+                row["reference"] == id.as_str() && row["model"].as_str().is_some_and(|x| x.starts_with(m.as_str()))
+            });
+            assert!(seen, "{m} / {id} was not compared");
+        }
+    }
+
+    let (code, second, _) = q.once();
+    assert_eq!(code, 0, "{second}");
+    let runs = q.records();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r.run.status == RunStatus::Passed));
+    let (a, b) = (&runs[0], &runs[1]);
+    let (a, b) = (parity_bits(a), parity_bits(b));
+    assert!(a.len() > 1000, "{} parity numbers stored", a.len());
+    assert_eq!(a, b, "the second run of the same commit stored different parity numbers");
+}
