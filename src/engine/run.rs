@@ -75,6 +75,8 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
 
     let t_load = Instant::now();
     let loaded = load_model(&req.model)?;
+    #[cfg(feature = "mutation-testing")]
+    let loaded = note_mutation(loaded);
     let load_ms = ms(t_load);
     let tokenizer = loaded.tokenizer.as_ref();
     if let (None, Some(path)) = (tokenizer, &loaded.tokenizer_missing) {
@@ -142,6 +144,15 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
             Err(e)
         }
     }
+}
+
+/// A dump made with an injected bug says so in its manifest (`extra.mutation`).
+#[cfg(feature = "mutation-testing")]
+fn note_mutation(mut loaded: LoadedModel) -> LoadedModel {
+    if let Some(m) = loaded.model.mutation {
+        loaded.extra.insert("mutation".into(), m.to_string().into());
+    }
+    loaded
 }
 
 /// `options.threads`: CPU worker threads.
