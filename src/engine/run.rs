@@ -31,7 +31,7 @@ use crate::protocol::{
 
 use super::backend::{self, Backend, Device};
 use super::captures::{CapturePlan, CaptureSink};
-use super::config::ModelConfig;
+use super::config::{Architecture, ConfigError, ModelConfig};
 use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::kernels;
 use super::kv_cache::KvCache;
@@ -275,6 +275,12 @@ fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
     let path = &m.path;
     let weights = GgufWeights::open(path)?;
     let file = weights.file();
+    // The architecture first: a file of another family is named as such, not by the first
+    // `qwen3.*` key it lacks.
+    let arch = file.get_str("general.architecture").map_err(|e| gguf::weights::to_weight_error(path, e))?;
+    if Architecture::parse(arch).is_none() {
+        return Err(ConfigError::UnknownArchitecture { path: path.clone(), found: arch.to_string() }.into());
+    }
     let meta = weights.config()?;
     let config = ModelConfig::from_gguf(path, &meta, file.tensor("output.weight").is_some())?;
     let quant = gguf_quant(file, &meta);
