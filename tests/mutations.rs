@@ -88,11 +88,12 @@ fn contract(rel: &str) -> Contract {
     Contract::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }
 
-/// The subject `runner once` builds for one comparison: every sample by metric name.
-fn subject(model: &str, reference: &refs::Reference, mode: Mode, report: &Report) -> Subject {
+/// The subject `runner once` builds for one comparison: every sample by metric name, the
+/// fixture's logits noise floor.
+fn subject(g: &ModelGroup, reference: &refs::Reference, mode: Mode, report: &Report) -> Subject {
     let mut s = Subject {
         engine: paritybench::config::BUILTIN_ENGINE.into(),
-        model: model.into(),
+        model: g.model.clone(),
         reference: reference.id.clone(),
         dtype: Some(reference.dtype.clone()),
         mode: Some(mode.as_str().into()),
@@ -102,6 +103,9 @@ fn subject(model: &str, reference: &refs::Reference, mode: Mode, report: &Report
         if let Some(m) = Metric::parse(&k.metric) {
             s.samples.entry(m).or_default().extend_from_slice(v);
         }
+    }
+    if let Some(f) = &g.floors {
+        s.noise_floors.insert(Metric::LogitsRelL2, f.logits);
     }
     s
 }
@@ -137,11 +141,11 @@ fn judge(model: &str, mode: Mode, mutation: Option<&str>) -> Option<Judged> {
     let reference = |id: &str| g.references.iter().find(|r| r.id == id);
     let fp32 = reference(fp32_id).unwrap_or_else(|| panic!("{model}: no {fp32_id} reference"));
     let report = metrics::compare(&dump, &Dump::open_complete(&fp32.dir).unwrap(), &opts).unwrap();
-    let strict = contract(STRICT).evaluate(&[subject(model, fp32, mode, &report)]).verdicts;
+    let strict = contract(STRICT).evaluate(&[subject(g, fp32, mode, &report)]).verdicts;
     let seed_fp16 = match (mode, reference("hf-fp16-sdpa")) {
         (Mode::Prefill, Some(r)) => {
             let rep = metrics::compare(&dump, &Dump::open_complete(&r.dir).unwrap(), &opts).unwrap();
-            contract(SEED).evaluate(&[subject(model, r, mode, &rep)]).verdicts
+            contract(SEED).evaluate(&[subject(g, r, mode, &rep)]).verdicts
         }
         _ => Vec::new(),
     };
