@@ -154,14 +154,14 @@ pub fn apply_at_load(m: Option<Mutation>, model: &mut Model) -> Result<(), Mutat
             _ => {}
         }
     }
-    if let Some(Mutation::ScaleLayerOutput { layer, .. }) = m {
-        if layer >= n_layers {
-            return Err(MutationError::NoSuchLayer {
-                value: m.map(|m| m.to_string()).unwrap_or_default(),
-                layer,
-                n_layers,
-            });
-        }
+    if let Some(Mutation::ScaleLayerOutput { layer, .. }) = m
+        && layer >= n_layers
+    {
+        return Err(MutationError::NoSuchLayer {
+            value: m.map(|m| m.to_string()).unwrap_or_default(),
+            layer,
+            n_layers,
+        });
     }
     Ok(())
 }
@@ -207,10 +207,10 @@ pub fn attention(m: Option<Mutation>, out: &mut [f32], q: &[f32], k_cache: &[f32
 /// After layer `layer`'s residual add: under `scale-layer-output` the residual stream
 /// `x` (`[t, H]`) of that layer is scaled.
 pub fn after_layer(m: Option<Mutation>, layer: usize, x: &mut [f32]) {
-    if let Some(Mutation::ScaleLayerOutput { layer: l, factor }) = m {
-        if l == layer {
-            x.iter_mut().for_each(|v| *v *= factor);
-        }
+    if let Some(Mutation::ScaleLayerOutput { layer: l, factor }) = m
+        && l == layer
+    {
+        x.iter_mut().for_each(|v| *v *= factor);
     }
 }
 
