@@ -566,3 +566,56 @@ fn a_negative_top_id_is_refused() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("`top_ids`") && r.stderr.contains("entry [2][1] = -1 is not a token id"), "{}", r.stderr);
 }
+
+#[test]
+fn layer_count_and_tokenizer_parity_are_samples() {
+    let t = tempfile::tempdir().unwrap();
+    let ids = ["p0", "p1", "p2"];
+    // p0: tokenized right, same layers; p1: tokenized wrong, one layer_out more than the
+    // reference; p2: not tokenized (no text), same layers.
+    let mut e0 = prompt(0, 100);
+    e0.tokenizer_match = Some(true);
+    let mut e1 = prompt(1, 100);
+    e1.tokenizer_match = Some(false);
+    e1.capture(CapturePoint::LayerOut, 2, Tensor::f32(vec![4, H], noise(9, 4 * H)));
+    let a = write_dump(&t.path().join("a"), "engine", &ids, vec![e0, e1, prompt(2, 100)]);
+    let b = write_dump(&t.path().join("b"), "ref", &ids, vec![prompt(0, 100), prompt(1, 100), prompt(2, 100)]);
+    let r = compare(&a, &b, &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep = report_of(&r);
+    let s = rep.samples();
+    assert_eq!(s.get(names::LAYER_COUNT_PARITY).unwrap(), &[1.0, 0.0, 1.0]);
+    assert_eq!(s.get(names::TOKENIZER_PARITY).unwrap(), &[1.0, 0.0], "p2 was not tokenized: no sample");
+    let c = rep.prompts[1].count_parity.as_ref().unwrap();
+    assert!(!c.parity);
+    assert_eq!(c.mismatched, ["layer_out: engine [1, 2], reference [1]"]);
+    let text = compare(&a, &b, &[]).stdout;
+    assert!(text.contains("layer count parity: 2/3 prompts; tokenizer parity: 1/2 prompts (1 not judged)"), "{text}");
+    assert!(text.contains("p1: LAYER COUNTS DIFFER") && text.contains("p1: TOKENIZER MISMATCH"), "{text}");
+
+    // different layer counts in the manifests break parity even where the captures agree
+    let dir = t.path().join("c");
+    let mut m = manifest("engine", &["p0"]);
+    m.model.n_layers = Some(5);
+    let mut w = DumpWriter::create(&dir, m).unwrap();
+    w.write_prompt(prompt(0, 100)).unwrap();
+    w.finish().unwrap();
+    let refd = t.path().join("d");
+    let mut m = manifest("ref", &["p0"]);
+    m.model.n_layers = Some(4);
+    let mut w = DumpWriter::create(&refd, m).unwrap();
+    w.write_prompt(prompt(0, 100)).unwrap();
+    w.finish().unwrap();
+    let rep = report_of(&compare(&dir, &refd, &["--json"]));
+    let c = rep.prompts[0].count_parity.as_ref().unwrap();
+    assert_eq!((c.parity, c.engine_layers, c.reference_layers), (false, Some(5), Some(4)));
+
+    // no capture in common: nothing to judge, no sample (a gate on it is `missing`, not passed)
+    let mut bare = prompt(0, 100);
+    bare.hidden.clear();
+    let e = write_dump(&t.path().join("e"), "engine", &["p0"], vec![bare]);
+    let f = write_dump(&t.path().join("f"), "ref", &["p0"], vec![prompt(0, 100)]);
+    let rep = report_of(&compare(&e, &f, &["--json"]));
+    assert!(rep.prompts[0].count_parity.is_none());
+    assert!(rep.samples().get(names::LAYER_COUNT_PARITY).is_none());
+}

@@ -247,3 +247,272 @@ fn a_missing_request_or_model_directory_is_named() {
     let e = run_err(&request(&tmp.path().join("no-model"), &prompts(), Mode::Prefill, 0), tmp.path());
     assert!(e.contains("no-model"), "{e}");
 }
+
+// ---- bad input in GGUF files: the same cases through the GGUF loader ----
+//
+// Tiny GGUF v3 files written here byte by byte (the format's layout from gguf-py's
+// `GGUFWriter`: header, metadata, tensor table, 32-byte aligned data), tensor names written
+// out independently of the engine's name table.
+
+/// A metadata value.
+enum Kv {
+    U32(u32),
+    F32(f32),
+    Str(&'static str),
+}
+
+/// A tensor: name, PyTorch shape (`[out, in]`), ggml type id, raw bytes.
+struct GgufTensor {
+    name: String,
+    shape: Vec<usize>,
+    ggml_type: u32,
+    data: Vec<u8>,
+}
+
+const GGML_F32: u32 = 0;
+const GGML_IQ4_NL: u32 = 20;
+
+fn gguf_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn write_gguf(path: &Path, kvs: &[(String, Kv)], tensors: &[GgufTensor]) {
+    const ALIGN: usize = 32;
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        gguf_string(&mut out, k);
+        match v {
+            Kv::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Kv::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Kv::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                gguf_string(&mut out, s);
+            }
+        }
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        gguf_string(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes()); // ne0 (the contiguous dimension) first
+        }
+        out.extend(t.ggml_type.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += t.data.len().next_multiple_of(ALIGN);
+    }
+    out.resize(out.len().next_multiple_of(ALIGN), 0);
+    for t in tensors {
+        out.extend(&t.data);
+        out.resize(out.len().next_multiple_of(ALIGN), 0);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A tiny `qwen3` (dense) or `qwen3moe` (every layer sparse) GGUF file with f32 tensors of
+/// the [`tiny_checkpoint`] sizes; `edit` may change the metadata and tensors before writing.
+fn tiny_gguf(path: &Path, arch: &'static str, edit: impl FnOnce(&mut Vec<(String, Kv)>, &mut Vec<GgufTensor>)) {
+    let moe = arch == "qwen3moe";
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut kvs = vec![
+        ("general.architecture".to_string(), Kv::Str(arch)),
+        (key("block_count"), Kv::U32(TINY_L as u32)),
+        (key("embedding_length"), Kv::U32(TINY_H as u32)),
+        (key("feed_forward_length"), Kv::U32(TINY_I as u32)),
+        (key("attention.head_count"), Kv::U32(TINY_HEADS as u32)),
+        (key("attention.head_count_kv"), Kv::U32(TINY_KV as u32)),
+        (key("attention.key_length"), Kv::U32(TINY_HD as u32)),
+        (key("attention.value_length"), Kv::U32(TINY_HD as u32)),
+        (key("rope.freq_base"), Kv::F32(1e6)),
+        (key("attention.layer_norm_rms_epsilon"), Kv::F32(1e-6)),
+    ];
+    if moe {
+        kvs.push((key("expert_count"), Kv::U32(TINY_E as u32)));
+        kvs.push((key("expert_used_count"), Kv::U32(2)));
+        kvs.push((key("expert_feed_forward_length"), Kv::U32(TINY_EI as u32)));
+    }
+    let mut rng = Lcg::new(11);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| {
+        let n: usize = shape.iter().product();
+        let data = rng.vec(n, 0.3).iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push(GgufTensor { name, shape, ggml_type: GGML_F32, data });
+    };
+    let (h, q, kv) = (TINY_H, TINY_HEADS * TINY_HD, TINY_KV * TINY_HD);
+    add("token_embd.weight".into(), vec![TINY_V, h]);
+    add("output_norm.weight".into(), vec![h]);
+    for i in 0..TINY_L {
+        let b = format!("blk.{i}");
+        for (n, shape) in [
+            ("attn_norm.weight", vec![h]),
+            ("attn_q.weight", vec![q, h]),
+            ("attn_k.weight", vec![kv, h]),
+            ("attn_v.weight", vec![kv, h]),
+            ("attn_output.weight", vec![h, q]),
+            ("attn_q_norm.weight", vec![TINY_HD]),
+            ("attn_k_norm.weight", vec![TINY_HD]),
+            ("ffn_norm.weight", vec![h]),
+        ] {
+            add(format!("{b}.{n}"), shape);
+        }
+        if moe {
+            add(format!("{b}.ffn_gate_inp.weight"), vec![TINY_E, h]);
+            add(format!("{b}.ffn_gate_exps.weight"), vec![TINY_E, TINY_EI, h]);
+            add(format!("{b}.ffn_up_exps.weight"), vec![TINY_E, TINY_EI, h]);
+            add(format!("{b}.ffn_down_exps.weight"), vec![TINY_E, h, TINY_EI]);
+        } else {
+            add(format!("{b}.ffn_gate.weight"), vec![TINY_I, h]);
+            add(format!("{b}.ffn_up.weight"), vec![TINY_I, h]);
+            add(format!("{b}.ffn_down.weight"), vec![h, TINY_I]);
+        }
+    }
+    edit(&mut kvs, &mut tensors);
+    write_gguf(path, &kvs, &tensors);
+}
+
+fn tensor_mut<'a>(t: &'a mut [GgufTensor], name: &str) -> &'a mut GgufTensor {
+    t.iter_mut().find(|t| t.name == name).unwrap_or_else(|| panic!("no tensor {name}"))
+}
+
+#[test]
+fn an_intact_tiny_gguf_runs() {
+    // the positive control of the GGUF cases below: the writer makes files the engine reads
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["qwen3", "qwen3moe"] {
+        let dir = tmp.path().join(arch);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("{arch}.gguf"));
+        tiny_gguf(&f, arch, |_, _| {});
+        let d = run_ok(&request(&f, &prompts(), Mode::Prefill, 2), &dir, &[]);
+        assert_eq!(d.manifest.model.format, "gguf");
+        assert_eq!(d.manifest.model.vocab_size, Some(TINY_V as u32));
+        assert_eq!(d.shard("a").unwrap().logits().unwrap().shape, &[10, TINY_V]);
+    }
+}
+
+#[test]
+fn gguf_an_unknown_architecture_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("llama.gguf");
+    // a llama file: `general.architecture` and every hyper-parameter key say `llama`
+    tiny_gguf(&f, "qwen3", |kvs, _| {
+        for (k, v) in kvs.iter_mut() {
+            *k = k.replace("qwen3.", "llama.");
+            if k == "general.architecture" {
+                *v = Kv::Str("llama");
+            }
+        }
+    });
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("unknown architecture `llama`") && e.contains("llama.gguf") && e.contains("qwen3"), "{e}");
+    // the architecture is checked before the keys it implies
+    let f = tmp.path().join("gpt.gguf");
+    tiny_gguf(&f, "qwen3", |kvs, _| kvs[0].1 = Kv::Str("gpt2"));
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("unknown architecture `gpt2`") && e.contains("gpt.gguf"), "{e}");
+}
+
+#[test]
+fn gguf_the_dense_vs_moe_ffn_up_mix_up_names_the_tensor() {
+    // A MoE file whose layer 1 carries a dense `ffn_up` where the experts belong.
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("moe.gguf");
+    tiny_gguf(&f, "qwen3moe", |_, t| {
+        let up = tensor_mut(t, "blk.1.ffn_up_exps.weight");
+        up.name = "blk.1.ffn_up.weight".into();
+    });
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(
+        e.contains("missing tensor `blk.1.ffn_up_exps.weight`")
+            && e.contains("moe.gguf")
+            && e.contains("qwen3_moe")
+            && e.contains("sparse MoE"),
+        "{e}"
+    );
+    // And a dense file whose layer 0 carries expert tensors: the dense loader does not
+    // take them for its MLP.
+    let f = tmp.path().join("dense.gguf");
+    tiny_gguf(&f, "qwen3", |_, t| {
+        let up = tensor_mut(t, "blk.0.ffn_up.weight");
+        up.name = "blk.0.ffn_up_exps.weight".into();
+        up.shape = vec![1, TINY_I, TINY_H];
+    });
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(
+        e.contains("missing tensor `blk.0.ffn_up.weight`") && e.contains("dense.gguf") && e.contains("qwen3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_a_wrong_shape_names_tensor_and_both_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("m.gguf");
+    tiny_gguf(&f, "qwen3", |_, t| {
+        let k = tensor_mut(t, "blk.2.attn_k.weight");
+        k.shape = vec![TINY_KV * TINY_HD + 1, TINY_H];
+        k.data.extend(vec![0u8; 4 * TINY_H]);
+    });
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    let (got, want) = (format!("[{}, {TINY_H}]", TINY_KV * TINY_HD + 1), format!("[{}, {TINY_H}]", TINY_KV * TINY_HD));
+    assert!(e.contains("blk.2.attn_k.weight") && e.contains(&got) && e.contains(&want) && e.contains("m.gguf"), "{e}");
+}
+
+#[test]
+fn gguf_a_truncated_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("cut.gguf");
+    tiny_gguf(&f, "qwen3", |_, _| {});
+    let bytes = std::fs::read(&f).unwrap();
+    // inside the tensor data
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+    // inside the header
+    std::fs::write(&f, &bytes[..200]).unwrap();
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn gguf_an_unsupported_tensor_type_is_named() {
+    // IQ4_NL: a real llama.cpp type (32-element blocks of 18 bytes) this engine does not
+    // dequantize.
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("iq.gguf");
+    tiny_gguf(&f, "qwen3", |_, t| {
+        let q = tensor_mut(t, "blk.0.attn_q.weight");
+        q.ggml_type = GGML_IQ4_NL;
+        q.data = vec![0u8; TINY_HEADS * TINY_HD * TINY_H / 32 * 18];
+    });
+    let e = run_err(&request(&f, &prompts(), Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("blk.0.attn_q.weight") && e.contains("IQ4_NL") && e.contains("iq.gguf"), "{e}");
+}
+
+#[test]
+fn gguf_a_token_id_outside_the_vocabulary_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("m.gguf");
+    tiny_gguf(&f, "qwen3moe", |_, _| {});
+    let mut p = prompts();
+    p[0].1[5] = TINY_V as i32 + 1000;
+    let e = run_err(&request(&f, &p, Mode::Prefill, 0), tmp.path());
+    assert!(
+        e.contains("prompt \"a\"") && e.contains("position 5") && e.contains(&format!("token id {}", TINY_V + 1000)),
+        "{e}"
+    );
+    // a negative id is refused the same way
+    p[0].1[5] = -1;
+    let e = run_err(&request(&f, &p, Mode::Prefill, 0), tmp.path());
+    assert!(e.contains("prompt \"a\"") && e.contains("negative token id -1"), "{e}");
+}

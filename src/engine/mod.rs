@@ -9,6 +9,7 @@
 //! - [`backend`]: where the forward pass runs (chosen at run time)
 //! - [`tokenizer`]: tokenizer.json, for tokenizer parity
 //! - [`run`]: the protocol driver behind `runner engine run`
+//! - `mutation` (feature `mutation-testing` only): injected bugs for the mutation tests
 
 pub mod backend;
 pub mod captures;
@@ -17,6 +18,8 @@ pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
+#[cfg(feature = "mutation-testing")]
+pub mod mutation;
 pub mod run;
 pub mod safetensors;
 pub mod tokenizer;
@@ -58,4 +61,7 @@ pub enum EngineError {
     PromptTokenOutOfVocab { prompt: String, position: usize, id: i64, vocab: usize },
     #[error("request option `{option}` = {value}: {message}")]
     BadOption { option: String, value: String, message: String },
+    #[cfg(feature = "mutation-testing")]
+    #[error(transparent)]
+    Mutation(#[from] mutation::MutationError),
 }

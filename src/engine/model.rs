@@ -231,6 +231,9 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// Tensors in the file that no role asked for (reported, not fatal).
     pub unused_tensors: Vec<String>,
+    /// The bug injected for the mutation tests ([`super::mutation`]).
+    #[cfg(feature = "mutation-testing")]
+    pub mutation: Option<super::mutation::Mutation>,
 }
 
 /// Reads tensors by role with their expected shapes; every error names the tensor, the
@@ -376,8 +379,24 @@ impl Model {
         if !unused_tensors.is_empty() {
             tracing::warn!(count = unused_tensors.len(), first = %unused_tensors[0], "tensors in the checkpoint that the model does not use");
         }
+        #[cfg(not(feature = "mutation-testing"))]
         let inv_freq = kernels::rope_inv_freq(c.head_dim, c.rope_theta);
-        Ok(Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors })
+        #[cfg(not(feature = "mutation-testing"))]
+        return Ok(Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors });
+
+        #[cfg(feature = "mutation-testing")]
+        {
+            use super::mutation;
+            let m = mutation::Mutation::from_env()?;
+            let inv_freq = kernels::rope_inv_freq(c.head_dim, mutation::rope_theta(m, c.rope_theta));
+            let mut model =
+                Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors, mutation: m };
+            mutation::apply_at_load(m, &mut model)?;
+            if let Some(m) = m {
+                tracing::warn!(mutation = %m, "a mutation is injected into the engine (mutation tests only)");
+            }
+            Ok(model)
+        }
     }
 
     /// `[head_dim / 2]` RoPE inverse frequencies (f32, as HF computes them).
@@ -448,14 +467,24 @@ impl Model {
                 kernels::rope_in_place(&mut s.q[ti * c.q_dim()..(ti + 1) * c.q_dim()], cs, sn);
                 kernels::rope_in_place(&mut s.k[ti * c.kv_dim()..(ti + 1) * c.kv_dim()], cs, sn);
             }
+            #[cfg(feature = "mutation-testing")]
+            super::mutation::after_rope(self.mutation, &mut s.q, c.q_dim(), &self.inv_freq);
 
             // 5. Append k, v to the cache; causal GQA attention over positions 0..pos0 + t.
             let (kc, vc) = cache.layer_mut(li);
             let kv = c.kv_dim();
-            kc[pos0 * kv..(pos0 + t) * kv].copy_from_slice(&s.k);
-            vc[pos0 * kv..(pos0 + t) * kv].copy_from_slice(&s.v);
+            #[cfg(not(feature = "mutation-testing"))]
+            let w0 = pos0;
+            #[cfg(feature = "mutation-testing")]
+            let w0 = super::mutation::kv_write_start(self.mutation, pos0);
+            kc[w0 * kv..(w0 + t) * kv].copy_from_slice(&s.k);
+            vc[w0 * kv..(w0 + t) * kv].copy_from_slice(&s.v);
             let shape = AttnShape { t, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
-            kernels::attention(&mut s.attn, &s.q, &kc[..(pos0 + t) * kv], &vc[..(pos0 + t) * kv], shape);
+            let (keys, values) = (&kc[..(pos0 + t) * kv], &vc[..(pos0 + t) * kv]);
+            #[cfg(not(feature = "mutation-testing"))]
+            kernels::attention(&mut s.attn, &s.q, keys, values, shape);
+            #[cfg(feature = "mutation-testing")]
+            super::mutation::attention(self.mutation, &mut s.attn, &s.q, keys, values, shape);
 
             // 6. Output projection, then the residual add. o: [t, H]
             a.o_proj.forward(&mut s.o, &s.attn, t);
@@ -475,6 +504,8 @@ impl Model {
 
             // 9. Residual add.
             kernels::add_in_place(&mut s.x, &s.o);
+            #[cfg(feature = "mutation-testing")]
+            super::mutation::after_layer(self.mutation, li, &mut s.x);
             io.capture(CapturePoint::LayerOut, li, &s.x, h);
         }
         cache.advance(t)?;

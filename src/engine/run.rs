@@ -31,7 +31,7 @@ use crate::protocol::{
 
 use super::backend::{self, Backend, Device};
 use super::captures::{CapturePlan, CaptureSink};
-use super::config::ModelConfig;
+use super::config::{Architecture, ConfigError, ModelConfig};
 use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::kernels;
 use super::kv_cache::KvCache;
@@ -75,6 +75,8 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
 
     let t_load = Instant::now();
     let loaded = load_model(&req.model)?;
+    #[cfg(feature = "mutation-testing")]
+    let loaded = note_mutation(loaded);
     let load_ms = ms(t_load);
     let tokenizer = loaded.tokenizer.as_ref();
     if let (None, Some(path)) = (tokenizer, &loaded.tokenizer_missing) {
@@ -175,6 +177,15 @@ fn compute_dtype_name(d: ComputeDtype) -> &'static str {
         ComputeDtype::F16 => "f16",
         ComputeDtype::Bf16 => "bf16",
     }
+}
+
+/// A dump made with an injected bug says so in its manifest (`extra.mutation`).
+#[cfg(feature = "mutation-testing")]
+fn note_mutation(mut loaded: LoadedModel) -> LoadedModel {
+    if let Some(m) = loaded.model.mutation {
+        loaded.extra.insert("mutation".into(), m.to_string().into());
+    }
+    loaded
 }
 
 /// `options.threads`: CPU worker threads.
@@ -297,6 +308,12 @@ fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
     let path = &m.path;
     let weights = GgufWeights::open(path)?;
     let file = weights.file();
+    // The architecture first: a file of another family is named as such, not by the first
+    // `qwen3.*` key it lacks.
+    let arch = file.get_str("general.architecture").map_err(|e| gguf::weights::to_weight_error(path, e))?;
+    if Architecture::parse(arch).is_none() {
+        return Err(ConfigError::UnknownArchitecture { path: path.clone(), found: arch.to_string() }.into());
+    }
     let meta = weights.config()?;
     let config = ModelConfig::from_gguf(path, &meta, file.tensor("output.weight").is_some())?;
     let quant = gguf_quant(file, &meta);

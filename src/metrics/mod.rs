@@ -64,8 +64,8 @@ use report::{
     LogitSeries, NonFinite, Overall, Rate, Settings, Sums, TopkSeries,
 };
 pub use report::{
-    DivergentPoint, LayerComparison, LayerValues, MissingPrompt, PromptReport, PromptState, Report, SampleKey, Samples,
-    Side, Summary, names,
+    CountParity, DivergentPoint, LayerComparison, LayerValues, MissingPrompt, PromptReport, PromptState, Report,
+    SampleKey, Samples, Side, Summary, names,
 };
 
 /// Why two dumps could not be compared. Every variant names the prompt and tensor involved.
@@ -317,6 +317,8 @@ fn compare_prompt(ctx: &Ctx<'_>, id: &str) -> Result<PromptOutcome, MetricsError
         (None, Some(t)) => select(&positions, t.top1.iter().map(|&m| !m)),
         (None, None) => Vec::new(),
     };
+    let count_parity = count_parity(&ctx.engine.manifest, &ctx.reference.manifest, &sa, &sb);
+    let tokenizer_match = ctx.engine.manifest.prompt(id).and_then(|p| p.tokenizer_match);
     let n_nonfinite = nonfinite.iter().map(|n| n.count).sum();
     let summary = summarize(logits.as_slice(), topk.as_slice(), positions.len(), n_nonfinite);
     Ok(PromptOutcome {
@@ -332,9 +334,47 @@ fn compare_prompt(ctx: &Ctx<'_>, id: &str) -> Result<PromptOutcome, MetricsError
             absent,
             first_divergent,
             deviating_positions,
+            count_parity,
+            tokenizer_match,
         },
         nonfinite,
         logit_sums,
+    })
+}
+
+/// Layer count parity of one prompt: the manifests' layer counts agree (where both give
+/// one) and every capture point recorded in both shards covers the same layers. `None` when
+/// the shards share no capture point (nothing to judge). Row counts need no check here: a
+/// tensor whose shape differs is refused by [`compare`].
+fn count_parity(ea: &Manifest, eb: &Manifest, sa: &ShardTensors, sb: &ShardTensors) -> Option<report::CountParity> {
+    let by_point = |s: &ShardTensors| {
+        let mut m: BTreeMap<CapturePoint, Vec<u32>> = BTreeMap::new();
+        for (c, l, _) in s.captures() {
+            m.entry(c).or_default().push(l);
+        }
+        m.values_mut().for_each(|v| v.sort_unstable());
+        m
+    };
+    let (la, lb) = (by_point(sa), by_point(sb));
+    let shared: Vec<CapturePoint> = la.keys().filter(|c| lb.contains_key(c)).copied().collect();
+    if shared.is_empty() {
+        return None;
+    }
+    let mismatched: Vec<String> = shared
+        .iter()
+        .filter(|c| la[c] != lb[c])
+        .map(|c| format!("{}: engine {:?}, reference {:?}", c.as_str(), la[c], lb[c]))
+        .collect();
+    let (na, nb) = (ea.model.n_layers, eb.model.n_layers);
+    let layers_agree = match (na, nb) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    Some(report::CountParity {
+        parity: layers_agree && mismatched.is_empty(),
+        engine_layers: na,
+        reference_layers: nb,
+        mismatched,
     })
 }
 

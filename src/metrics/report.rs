@@ -39,6 +39,12 @@ pub mod names {
     pub const LAYER_COSINE: &str = "layer.cosine";
     /// Per (`moe_topk_ids`, layer): fraction of positions choosing the same expert set.
     pub const LAYER_EXPERT_SET_AGREEMENT: &str = "layer.expert_set_agreement";
+    /// One value per prompt: 1.0 when both dumps hold the same layers of every capture point
+    /// they both record (and the same layer count), else 0.0.
+    pub const LAYER_COUNT_PARITY: &str = "layer.count_parity";
+    /// One value per prompt the engine tokenized: 1.0 when its own ids for the prompt text
+    /// equal the reference's ids, else 0.0.
+    pub const TOKENIZER_PARITY: &str = "tokenizer_parity";
 }
 
 /// Which dump a statement is about.
@@ -150,6 +156,26 @@ pub struct PromptReport {
     /// Positions whose logits rel-L2 exceeds the deviation threshold (or, without full
     /// logits, whose top-1 differs), ascending.
     pub deviating_positions: Vec<i32>,
+    /// Whether both dumps recorded the same layers; absent when they share no capture point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_parity: Option<CountParity>,
+    /// The engine's own tokenization of the prompt text equals the reference's token ids
+    /// (the engine's `tokenizer_match`; the ids themselves are checked equal before any
+    /// metric). Absent when the engine did not tokenize the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_match: Option<bool>,
+}
+
+/// Layer count parity of one prompt: the seeds once compared statistics over different
+/// sample counts; here every capture point both dumps record must cover the same layers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountParity {
+    pub parity: bool,
+    /// `model.n_layers` of each manifest, when given.
+    pub engine_layers: Option<u32>,
+    pub reference_layers: Option<u32>,
+    /// Capture points recorded by both whose layer lists differ: `attn_out: engine [0, 1], reference [0, 1, 2]`.
+    pub mismatched: Vec<String>,
 }
 
 /// `[P]` arrays, one entry per scored position.
@@ -512,6 +538,12 @@ impl PromptReport {
             s.extend(SampleKey::metric(names::GREEDY_MATCH_LEN), [f64::from(g.match_len)]);
         }
         s.extend(SampleKey::metric(names::NONFINITE), [self.summary.nonfinite as f64]);
+        if let Some(c) = &self.count_parity {
+            s.extend(SampleKey::metric(names::LAYER_COUNT_PARITY), [if c.parity { 1.0 } else { 0.0 }]);
+        }
+        if let Some(t) = self.tokenizer_match {
+            s.extend(SampleKey::metric(names::TOKENIZER_PARITY), [if t { 1.0 } else { 0.0 }]);
+        }
         for l in &self.layers {
             match &l.values {
                 LayerValues::Float(f) => {
@@ -681,6 +713,24 @@ impl Report {
                 }
             }
         }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{}", self.parity_line());
+        for p in &self.prompts {
+            if let Some(c) = p.count_parity.as_ref().filter(|c| !c.parity) {
+                let layers = |n: Option<u32>| n.map_or("?".to_string(), |n| n.to_string());
+                let _ = writeln!(
+                    o,
+                    "  {}: LAYER COUNTS DIFFER: engine {} layers, reference {}; {}",
+                    p.id,
+                    layers(c.engine_layers),
+                    layers(c.reference_layers),
+                    if c.mismatched.is_empty() { "-".to_string() } else { c.mismatched.join("; ") }
+                );
+            }
+            if p.tokenizer_match == Some(false) {
+                let _ = writeln!(o, "  {}: TOKENIZER MISMATCH: the engine's ids for the prompt text differ", p.id);
+            }
+        }
         if !self.missing.is_empty() {
             let _ = writeln!(o);
             let _ = writeln!(o, "missing prompts ({}), not compared:", self.missing.len());
@@ -696,6 +746,26 @@ impl Report {
             }
         }
         o
+    }
+}
+
+impl Report {
+    /// `layer count parity: 10/10 prompts; tokenizer parity: 9/10 prompts (1 not tokenized)`.
+    pub fn parity_line(&self) -> String {
+        let n = self.prompts.len();
+        let count = |f: &dyn Fn(&PromptReport) -> Option<bool>| {
+            let judged: Vec<bool> = self.prompts.iter().filter_map(f).collect();
+            let ok = judged.iter().filter(|&&b| b).count();
+            match n - judged.len() {
+                0 => format!("{ok}/{n} prompts"),
+                k => format!("{ok}/{} prompts ({k} not judged)", judged.len()),
+            }
+        };
+        format!(
+            "layer count parity: {}; tokenizer parity: {}",
+            count(&|p| p.count_parity.as_ref().map(|c| c.parity)),
+            count(&|p| p.tokenizer_match)
+        )
     }
 }
 
