@@ -14,4 +14,5 @@ pub mod fixtures;
 pub mod metrics;
 pub mod once;
 pub mod protocol;
+pub mod service;
 pub mod store;

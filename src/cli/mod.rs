@@ -7,6 +7,7 @@ mod compare;
 mod engine;
 mod fixtures;
 mod once;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +47,8 @@ enum Command {
     Engine(engine::Command),
     /// Build an engine at a commit, run the suite, judge it against contracts, record it.
     Once(once::Args),
+    /// The dashboard, the JSON API and /metrics.
+    Serve(serve::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -64,6 +67,7 @@ pub fn main() -> i32 {
         Command::Fixtures(cmd) => fixtures::run(cmd),
         Command::Engine(cmd) => engine::run(cmd),
         Command::Once(args) => once::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

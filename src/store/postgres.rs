@@ -15,8 +15,10 @@ use super::{Backend, StoreError, query_err, redact};
 
 /// The embedded migrations, `(version, description, sql)`; one entry per file in
 /// `migrations/postgres/` (a unit test checks).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+    (3, "dashboard", include_str!("../../migrations/postgres/0003_dashboard.sql")),
+];
 
 /// A [`Store`](super::Store) on PostgreSQL.
 #[derive(Debug, Clone)]

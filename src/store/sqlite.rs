@@ -17,8 +17,10 @@ use super::{Backend, StoreError, query_err};
 
 /// The embedded migrations, `(version, description, sql)`; one entry per file in
 /// `migrations/sqlite/` (a unit test checks).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+    (3, "dashboard", include_str!("../../migrations/sqlite/0003_dashboard.sql")),
+];
 
 /// Where a SQLite database lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
