@@ -4,6 +4,7 @@
 //! error, printed with its cause chain, says why).
 
 mod compare;
+mod dev_seed;
 mod engine;
 mod fixtures;
 mod once;
@@ -49,6 +50,9 @@ enum Command {
     Once(once::Args),
     /// The dashboard, the JSON API and /metrics.
     Serve(serve::Args),
+    /// Fill an empty database with a year-shaped history (for measuring the dashboard).
+    #[command(hide = true)]
+    DevSeed(dev_seed::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -68,6 +72,7 @@ pub fn main() -> i32 {
         Command::Engine(cmd) => engine::run(cmd),
         Command::Once(args) => once::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::DevSeed(args) => dev_seed::run(args),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

@@ -19,6 +19,7 @@ pub mod detail;
 mod error;
 mod pages;
 mod prom;
+pub mod seed;
 pub mod views;
 
 use std::future::Future;

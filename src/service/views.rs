@@ -320,7 +320,10 @@ pub async fn trend(
     let mut points: Vec<(TrendPoint, usize, SeriesId)> = Vec::new();
     let mut segments: Vec<Segment> = Vec::new();
     for s in &related {
-        let pts = store.series_trend(s.id, &metric, &statistic, cap as i64).await?;
+        let mut pts = store.series_trend(s.id, &metric, &statistic, cap as i64).await?;
+        if pts.is_empty() {
+            pts = store.series_verdict_trend(s.id, &metric, &statistic, cap as i64).await?;
+        }
         if pts.is_empty() && s.id != id {
             continue;
         }
@@ -398,7 +401,14 @@ pub async fn trend(
             severity: v.severity.as_str().to_string(),
         })
         .collect();
-    let metrics = pairs
+    let mut choices = pairs.clone();
+    for v in verdicts.iter().filter(|v| v.prompt.is_none()) {
+        let p = (v.metric.clone(), v.reduction.clone());
+        if !choices.contains(&p) {
+            choices.push(p);
+        }
+    }
+    let metrics = choices
         .iter()
         .map(|(m, s)| Choice {
             label: format!("{m} · {s}"),

@@ -198,6 +198,17 @@ SELECT contract_id, contract_version, contract_sha256, gate_id, metric, reductio
        prompt, dtype, mode, detail
 FROM verdicts WHERE run_id = $1 AND series_id = $2 ORDER BY id";
 
+pub(crate) const SERIES_VERDICT_TREND: &str = "\
+SELECT rs.run_id, c.sha, rs.generation, MIN(v.observed) AS value
+FROM run_series rs
+JOIN runs r ON r.id = rs.run_id
+JOIN commits c ON c.id = r.commit_id
+JOIN verdicts v ON v.run_id = rs.run_id AND v.series_id = rs.series_id
+WHERE rs.series_id = $1 AND v.metric = $2 AND v.reduction = $3 AND v.prompt IS NULL
+GROUP BY rs.run_id, c.sha, rs.generation
+ORDER BY rs.generation DESC, rs.run_id DESC
+LIMIT $4";
+
 /// Uses the partial index `verdicts_by_series_metric` (failed or missing outcomes only).
 pub(crate) const SERIES_FAILING_RUNS: &str = "\
 SELECT DISTINCT v.run_id FROM verdicts v JOIN run_series rs ON rs.run_id = v.run_id AND rs.series_id = v.series_id
@@ -1047,6 +1058,36 @@ macro_rules! impl_store {
                     .iter()
                     .map(|row| Ok($crate::store::RunId(col(row, "run_id")?)))
                     .collect()
+            }
+
+            async fn series_verdict_trend(
+                &self,
+                id: $crate::store::SeriesId,
+                metric: &str,
+                reduction: &str,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::TrendPoint>, $crate::store::StoreError> {
+                use $crate::store::*;
+                let mut points = sqlx::query($crate::store::common::SERIES_VERDICT_TREND)
+                    .bind(id.0)
+                    .bind(metric)
+                    .bind(reduction)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_err("reading a gate's trend"))?
+                    .iter()
+                    .map(|row| {
+                        Ok(TrendPoint {
+                            run_id: RunId(col(row, "run_id")?),
+                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| CommitSha::parse(s).ok())?,
+                            generation: col(row, "generation")?,
+                            value: null_to_nan(col(row, "value")?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                points.reverse();
+                Ok(points)
             }
 
             async fn regression(

@@ -656,6 +656,15 @@ pub trait Store: Send + Sync + fmt::Debug {
         metric: &str,
         min_generation: i64,
     ) -> Result<Vec<RunId>, StoreError>;
+    /// Like [`Store::series_trend`] for a gate's observed value (`metric`, `reduction`) when
+    /// the metric is judged but not stored as a measurement (e.g. `greedy_match_len`).
+    async fn series_verdict_trend(
+        &self,
+        id: SeriesId,
+        metric: &str,
+        reduction: &str,
+        limit: i64,
+    ) -> Result<Vec<TrendPoint>, StoreError>;
     /// The commit range in which a series turned red, when its latest point is red.
     async fn regression(&self, id: SeriesId) -> Result<Option<Regression>, StoreError>;
     /// Acknowledges the regression that starts at `run` in `series`; false when it already was.
