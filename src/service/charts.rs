@@ -168,9 +168,16 @@ pub fn trend(t: &Trend) -> String {
     // x labels: about 8 commits
     let step = n.div_ceil(8).max(1);
     for (i, p) in t.points.iter().enumerate().filter(|(i, _)| i % step == 0 || *i == n - 1) {
+        let anchor = if n > 1 && i == n - 1 {
+            "end"
+        } else if n > 1 && i == 0 {
+            "start"
+        } else {
+            "middle"
+        };
         let _ = write!(
             svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" class="tick">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle" class="tick sub">gen {}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="{anchor}" class="tick">{}</text><text x="{:.1}" y="{:.1}" text-anchor="{anchor}" class="tick sub">gen {}</text>"#,
             x(i),
             H - BOTTOM + 16.0,
             esc(&p.commit[..p.commit.len().min(7)]),

@@ -112,7 +112,9 @@ pub async fn load_or_build(state: &AppState, d: &RunDetails) -> Result<RunDetail
         .await
         .map_err(|e| ApiError::Task(e.to_string()))?
         .map_err(|e| ApiError::Task(e.to_string()))?;
-    if d.run.status.is_finished() {
+    // Kept once the run is over and something was compared (a record without groups may
+    // only mean the references were not reachable from this server yet).
+    if d.run.status.is_finished() && !built.groups.is_empty() {
         let v = serde_json::to_value(&built).map_err(|e| ApiError::Task(e.to_string()))?;
         state.store.put_run_detail(id, &v).await?;
     }
@@ -129,10 +131,12 @@ pub fn build(run_dir: &Path, cache: &Path, suite: &str) -> Result<RunDetail, Det
     let mut groups = Vec::new();
     for g in &groups_of_suite {
         for mode in ["prefill", "incremental"] {
-            let dir = run_dir.join(&g.model).join(format!("{}-{mode}", g.key));
-            if !dir.join("manifest.json").exists() {
+            // `runner once` writes the engine's dump to `<model>/<key>-<mode>/dump/`.
+            let variant = run_dir.join(&g.model).join(format!("{}-{mode}", g.key));
+            let Some(dir) = [variant.join("dump"), variant].into_iter().find(|d| d.join("manifest.json").exists())
+            else {
                 continue;
-            }
+            };
             let engine = Dump::open(&dir).map_err(|source| DetailError::Dump { path: dir.clone(), source })?;
             let reference = g
                 .references

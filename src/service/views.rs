@@ -315,18 +315,46 @@ pub async fn trend(
         _ => default_metric(&pairs, &verdicts).unwrap_or_else(|| ("logits.cosine".into(), "min".into())),
     };
 
-    // Every series of the same engine × model × reference, as segments of one chart.
+    // The lineage of the series: series of the same engine × model × reference that came
+    // before or after it (their commits do not overlap), as segments of one chart. Series
+    // measured side by side (two devices at once) are separate lines, not segments.
     let related = store.related_series(id).await?;
-    let mut points: Vec<(TrendPoint, usize, SeriesId)> = Vec::new();
-    let mut segments: Vec<Segment> = Vec::new();
+    let mut fetched: Vec<(&Series, Vec<TrendPoint>)> = Vec::new();
     for s in &related {
         let mut pts = store.series_trend(s.id, &metric, &statistic, cap as i64).await?;
         if pts.is_empty() {
             pts = store.series_verdict_trend(s.id, &metric, &statistic, cap as i64).await?;
         }
-        if pts.is_empty() && s.id != id {
-            continue;
+        if !pts.is_empty() || s.id == id {
+            fetched.push((s, pts));
         }
+    }
+    let span = |pts: &[TrendPoint]| (pts.first().map(|p| p.generation), pts.last().map(|p| p.generation));
+    let me = fetched.iter().position(|(s, _)| s.id == id).unwrap_or(0);
+    let (mut lo, mut hi) = span(&fetched[me].1);
+    let mut lineage = vec![me];
+    for i in (0..me).rev() {
+        let (a, b) = span(&fetched[i].1);
+        if let (Some(b), Some(l)) = (b, lo)
+            && b <= l
+        {
+            lineage.insert(0, i);
+            lo = a;
+        }
+    }
+    for (i, (_, pts)) in fetched.iter().enumerate().skip(me + 1) {
+        let (a, b) = span(pts);
+        if let (Some(a), Some(h)) = (a, hi)
+            && a >= h
+        {
+            lineage.push(i);
+            hi = b;
+        }
+    }
+    let mut points: Vec<(TrendPoint, usize, SeriesId)> = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
+    for i in lineage {
+        let (s, pts) = &fetched[i];
         let change = segments.last().map(|prev: &Segment| {
             let mut what = Vec::new();
             if prev.device != s.device_key {
@@ -348,7 +376,7 @@ pub async fn trend(
             contract_key: s.contract_key.clone(),
             change,
         });
-        points.extend(pts.into_iter().map(|p| (p, seg, s.id)));
+        points.extend(pts.iter().cloned().map(|p| (p, seg, s.id)));
     }
     points.sort_by_key(|(p, seg, _)| (p.generation, *seg, p.run_id));
     let skip = points.len().saturating_sub(cap);
