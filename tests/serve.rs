@@ -8,6 +8,8 @@
 //! The engine and `runner once` run from a release binary when one is at hand
 //! (`PARITYBENCH_TEST_RUNNER_BIN`, else `target/release/runner`, else this build's debug
 //! binary): the engine on a real model in a debug build takes minutes.
+//! `PARITYBENCH_TEST_ENGINE_BIN` picks another binary for the engine alone. `runner once`
+//! must come from this tree: it migrates the database the server reads.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -59,6 +61,11 @@ fn runner_bin() -> PathBuf {
     }
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/runner");
     if release.is_file() { release } else { PathBuf::from(env!("CARGO_BIN_EXE_runner")) }
+}
+
+/// The engine's adapter: `PARITYBENCH_TEST_ENGINE_BIN`, else the runner binary above.
+fn engine_bin() -> PathBuf {
+    std::env::var("PARITYBENCH_TEST_ENGINE_BIN").map(PathBuf::from).unwrap_or_else(|_| runner_bin())
 }
 
 fn fixture_cache() -> PathBuf {
@@ -131,7 +138,7 @@ impl World {
     /// The engine config and contract for the next runs.
     fn configure(&self, decode_steps: u32, contract_version: u32) {
         std::fs::write(self.root().join("contract.yaml"), contract(contract_version)).unwrap();
-        let bin = runner_bin();
+        let bin = engine_bin();
         std::fs::write(
             self.root().join("runner.toml"),
             format!(
@@ -515,12 +522,8 @@ fn browser(w: &World) {
         let _ = std::fs::remove_file(&shot);
         let mut cap = Command::new(chromium);
         common(&mut cap);
-        let out = cap
-            .arg("--window-size=1400,1000")
-            .arg(format!("--screenshot={}", shot.display()))
-            .arg(&url)
-            .output()
-            .unwrap();
+        let size = if name == "run" { "--window-size=1400,2600" } else { "--window-size=1400,900" };
+        let out = cap.arg(size).arg(format!("--screenshot={}", shot.display())).arg(&url).output().unwrap();
         assert!(shot.is_file(), "{name}: no screenshot: {}", String::from_utf8_lossy(&out.stderr));
         let png = std::fs::read(&shot).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{name}: {} bytes", png.len());
