@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod once;
 pub mod protocol;
 pub mod queue;
+pub mod service;
 pub mod store;

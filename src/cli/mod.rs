@@ -4,10 +4,12 @@
 //! error, printed with its cause chain, says why).
 
 mod compare;
+mod dev_seed;
 mod engine;
 mod fixtures;
 mod nightly;
 mod once;
+mod serve;
 mod work;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +54,11 @@ enum Command {
     Nightly(nightly::Args),
     /// A worker: claim queued jobs matching this device and run them, until stopped.
     Work(work::Args),
+    /// The dashboard, the JSON API and /metrics.
+    Serve(serve::Args),
+    /// Fill an empty database with a year-shaped history (for measuring the dashboard).
+    #[command(hide = true)]
+    DevSeed(dev_seed::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -72,6 +79,8 @@ pub fn main() -> i32 {
         Command::Once(args) => once::run(args),
         Command::Nightly(args) => nightly::run(args),
         Command::Work(args) => work::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::DevSeed(args) => dev_seed::run(args),
     };
     match result {
         Ok(Outcome::Passed) => EXIT_PASSED,

@@ -269,9 +269,7 @@ impl Worker {
             once::run(&config, &args, &cwd, &mut recorder, &once::Quiet)
         })
         .await;
-        joined.unwrap_or_else(|e| {
-            Err(OnceError::Record(crate::once::record::RecordError::Panicked(e.to_string())))
-        })
+        joined.unwrap_or_else(|e| Err(OnceError::Record(crate::once::record::RecordError::Panicked(e.to_string()))))
     }
 
     /// A failed attempt: retried after a backoff, or — the last one — an errored run with

@@ -178,6 +178,105 @@ WHERE rs.series_id = $1 AND m.metric = $2 AND m.statistic = $3 AND m.prompt IS N
 ORDER BY rs.generation DESC, rs.run_id DESC
 LIMIT $4";
 
+// Dashboard reads (runner serve).
+
+pub(crate) const RELATED_SERIES: &str = "\
+SELECT s.id, s.engine_id, e.name AS engine, s.model, s.model_sha256, s.reference, s.device_key,
+       s.fixture_id, s.contract_key
+FROM series s JOIN engines e ON e.id = s.engine_id
+JOIN series me ON me.id = $1
+WHERE s.engine_id = me.engine_id AND s.model = me.model AND s.reference = me.reference
+ORDER BY s.id";
+
+pub(crate) const RUN_SERIES_METRICS: &str = "\
+SELECT DISTINCT metric, statistic FROM measurements
+WHERE run_id = $1 AND series_id = $2 AND prompt IS NULL ORDER BY metric, statistic";
+
+pub(crate) const RUN_SERIES_VERDICTS: &str = "\
+SELECT contract_id, contract_version, contract_sha256, gate_id, metric, reduction, comparison,
+       threshold, floor, observed, n_samples, outcome, passed, severity, model, reference,
+       prompt, dtype, mode, detail
+FROM verdicts WHERE run_id = $1 AND series_id = $2 ORDER BY id";
+
+pub(crate) const SERIES_VERDICT_TREND: &str = "\
+SELECT rs.run_id, c.sha, rs.generation, MIN(v.observed) AS value
+FROM run_series rs
+JOIN runs r ON r.id = rs.run_id
+JOIN commits c ON c.id = r.commit_id
+JOIN verdicts v ON v.run_id = rs.run_id AND v.series_id = rs.series_id
+WHERE rs.series_id = $1 AND v.metric = $2 AND v.reduction = $3 AND v.prompt IS NULL
+GROUP BY rs.run_id, c.sha, rs.generation
+ORDER BY rs.generation DESC, rs.run_id DESC
+LIMIT $4";
+
+/// Uses the partial index `verdicts_by_series_metric` (failed or missing outcomes only).
+pub(crate) const SERIES_FAILING_RUNS: &str = "\
+SELECT DISTINCT v.run_id FROM verdicts v JOIN run_series rs ON rs.run_id = v.run_id AND rs.series_id = v.series_id
+WHERE v.series_id = $1 AND v.metric = $2 AND v.outcome <> 'passed' AND rs.generation >= $3";
+
+/// A series point is green when its run finished without erroring and no error-severity
+/// gate of the series failed.
+pub(crate) const LAST_GOOD: &str = "\
+SELECT rs.generation, rs.run_id FROM run_series rs JOIN runs r ON r.id = rs.run_id
+WHERE rs.series_id = $1 AND r.status IN ('passed', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.run_id = rs.run_id AND v.series_id = rs.series_id
+                  AND v.severity = 'error' AND v.outcome <> 'passed')
+ORDER BY rs.generation DESC, rs.run_id DESC LIMIT 1";
+
+pub(crate) fn first_after() -> String {
+    format!(
+        "\
+SELECT r.id AS run_id, r.status, c.sha, c.generation, r.finished_ms, {FAILED_GATES} AS failed_gates
+FROM run_series rs
+JOIN runs r ON r.id = rs.run_id
+JOIN commits c ON c.id = r.commit_id
+WHERE rs.series_id = $1 AND (rs.generation > $2 OR (rs.generation = $2 AND rs.run_id > $3))
+ORDER BY rs.generation, rs.run_id
+LIMIT 1"
+    )
+}
+
+pub(crate) fn series_run_by_id() -> String {
+    format!(
+        "\
+SELECT r.id AS run_id, r.status, c.sha, c.generation, r.finished_ms, {FAILED_GATES} AS failed_gates
+FROM run_series rs
+JOIN runs r ON r.id = rs.run_id
+JOIN commits c ON c.id = r.commit_id
+WHERE rs.series_id = $1 AND rs.run_id = $2"
+    )
+}
+
+pub(crate) const SELECT_ACK: &str = "\
+SELECT acked_by, note, acked_ms FROM regression_acks WHERE series_id = $1 AND run_id = $2";
+
+pub(crate) const INSERT_ACK: &str = "\
+INSERT INTO regression_acks (series_id, run_id, acked_by, note, acked_ms) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (series_id, run_id) DO NOTHING";
+
+pub(crate) const SELECT_RUN_DETAIL: &str = "SELECT detail FROM run_details WHERE run_id = $1";
+
+pub(crate) const UPSERT_RUN_DETAIL: &str = "\
+INSERT INTO run_details (run_id, detail, created_ms) VALUES ($1, $2, $3)
+ON CONFLICT (run_id) DO UPDATE SET detail = excluded.detail, created_ms = excluded.created_ms";
+
+pub(crate) const RUNS_BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM runs GROUP BY status";
+
+pub(crate) const JOBS_BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status";
+
+pub(crate) const OLDEST_QUEUED_JOB: &str = "SELECT MIN(created_ms) FROM jobs WHERE status = 'queued'";
+
+/// The newest passed run of every series: one backwards walk of `run_series_by_generation`
+/// per series until a passed run.
+pub(crate) const LAST_SUCCESS: &str = "\
+SELECT s.id, s.engine_id, e.name AS engine, s.model, s.model_sha256, s.reference, s.device_key,
+       s.fixture_id, s.contract_key,
+       (SELECT r.finished_ms FROM run_series rs JOIN runs r ON r.id = rs.run_id
+        WHERE rs.series_id = s.id AND r.status = 'passed'
+        ORDER BY rs.generation DESC, rs.run_id DESC LIMIT 1) AS last_success_ms
+FROM series s JOIN engines e ON e.id = s.engine_id
+ORDER BY s.id";
+
 pub(crate) const ENQUEUE_JOB: &str = "\
 INSERT INTO jobs (kind, payload, priority, status, attempts, max_attempts, run_after_ms, dedupe_key, created_ms,
                   device_key)
@@ -999,6 +1098,240 @@ macro_rules! impl_store {
                     .collect::<Result<Vec<_>, StoreError>>()?;
                 points.reverse();
                 Ok(points)
+            }
+
+            async fn related_series(
+                &self,
+                id: $crate::store::SeriesId,
+            ) -> Result<Vec<$crate::store::Series>, $crate::store::StoreError> {
+                sqlx::query($crate::store::common::RELATED_SERIES)
+                    .bind(id.0)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading related series"))?
+                    .iter()
+                    .map(series_from)
+                    .collect()
+            }
+
+            async fn run_series_metrics(
+                &self,
+                run: $crate::store::RunId,
+                series: $crate::store::SeriesId,
+            ) -> Result<Vec<(String, String)>, $crate::store::StoreError> {
+                sqlx::query($crate::store::common::RUN_SERIES_METRICS)
+                    .bind(run.0)
+                    .bind(series.0)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading a run's metrics"))?
+                    .iter()
+                    .map(|row| Ok((col(row, "metric")?, col(row, "statistic")?)))
+                    .collect()
+            }
+
+            async fn run_series_verdicts(
+                &self,
+                run: $crate::store::RunId,
+                series: $crate::store::SeriesId,
+            ) -> Result<Vec<$crate::store::StoredVerdict>, $crate::store::StoreError> {
+                sqlx::query($crate::store::common::RUN_SERIES_VERDICTS)
+                    .bind(run.0)
+                    .bind(series.0)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading a run's verdicts"))?
+                    .iter()
+                    .map(verdict_from)
+                    .collect()
+            }
+
+            async fn series_failing_runs(
+                &self,
+                id: $crate::store::SeriesId,
+                metric: &str,
+                min_generation: i64,
+            ) -> Result<Vec<$crate::store::RunId>, $crate::store::StoreError> {
+                sqlx::query($crate::store::common::SERIES_FAILING_RUNS)
+                    .bind(id.0)
+                    .bind(metric)
+                    .bind(min_generation)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading a series' failing runs"))?
+                    .iter()
+                    .map(|row| Ok($crate::store::RunId(col(row, "run_id")?)))
+                    .collect()
+            }
+
+            async fn series_verdict_trend(
+                &self,
+                id: $crate::store::SeriesId,
+                metric: &str,
+                reduction: &str,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::TrendPoint>, $crate::store::StoreError> {
+                use $crate::store::*;
+                let mut points = sqlx::query($crate::store::common::SERIES_VERDICT_TREND)
+                    .bind(id.0)
+                    .bind(metric)
+                    .bind(reduction)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_err("reading a gate's trend"))?
+                    .iter()
+                    .map(|row| {
+                        Ok(TrendPoint {
+                            run_id: RunId(col(row, "run_id")?),
+                            commit_sha: parse_text("commits.sha", col(row, "sha")?, |s| CommitSha::parse(s).ok())?,
+                            generation: col(row, "generation")?,
+                            value: null_to_nan(col(row, "value")?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                points.reverse();
+                Ok(points)
+            }
+
+            async fn regression(
+                &self,
+                id: $crate::store::SeriesId,
+            ) -> Result<Option<$crate::store::Regression>, $crate::store::StoreError> {
+                use $crate::store::*;
+                let doing = "reading a regression";
+                let latest = self.series_runs(id, 1).await?;
+                let Some(latest) = latest.last() else { return Ok(None) };
+                if latest.status != RunStatus::Errored && latest.failed_gates == 0 {
+                    return Ok(None);
+                }
+                let good = sqlx::query($crate::store::common::LAST_GOOD)
+                    .bind(id.0)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(query_err(doing))?;
+                let (good_gen, good_run): (i64, i64) = match &good {
+                    Some(row) => (col(row, "generation")?, col(row, "run_id")?),
+                    None => (i64::MIN, i64::MIN),
+                };
+                let one = |sql: String, a: i64, b: i64, c: Option<i64>| async move {
+                    let mut q = sqlx::query(&sql).bind(a).bind(b);
+                    if let Some(c) = c {
+                        q = q.bind(c);
+                    }
+                    q.fetch_optional(&self.pool)
+                        .await
+                        .map_err(query_err(doing))?
+                        .map(|r| series_run_from(&r))
+                        .transpose()
+                };
+                let last_good = match good {
+                    Some(_) => one($crate::store::common::series_run_by_id(), id.0, good_run, None).await?,
+                    None => None,
+                };
+                let Some(first_bad) = one($crate::store::common::first_after(), id.0, good_gen, Some(good_run)).await?
+                else {
+                    return Ok(None);
+                };
+                let ack = sqlx::query($crate::store::common::SELECT_ACK)
+                    .bind(id.0)
+                    .bind(first_bad.run_id.0)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(query_err(doing))?;
+                let acknowledged = match ack {
+                    Some(row) => Some(Acknowledgement {
+                        by: col(&row, "acked_by")?,
+                        note: col(&row, "note")?,
+                        at: from_ms(col(&row, "acked_ms")?),
+                    }),
+                    None => None,
+                };
+                Ok(Some(Regression { series_id: id, last_good, first_bad, acknowledged }))
+            }
+
+            async fn ack_regression(
+                &self,
+                series: $crate::store::SeriesId,
+                run: $crate::store::RunId,
+                by: &str,
+                note: Option<&str>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::store::*;
+                let doing = "acknowledging a regression";
+                let mut tx = self.begin_write().await?;
+                let n = sqlx::query($crate::store::common::INSERT_ACK)
+                    .bind(series.0)
+                    .bind(run.0)
+                    .bind(by)
+                    .bind(note)
+                    .bind(to_ms(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(doing))?
+                    .rows_affected();
+                tx.commit().await.map_err(query_err(doing))?;
+                Ok(n == 1)
+            }
+
+            async fn run_detail(
+                &self,
+                id: $crate::store::RunId,
+            ) -> Result<Option<serde_json::Value>, $crate::store::StoreError> {
+                let text: Option<String> = sqlx::query_scalar($crate::store::common::SELECT_RUN_DETAIL)
+                    .bind(id.0)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading a run's detail record"))?;
+                text.map(|t| parse_json("run_details.detail", t)).transpose()
+            }
+
+            async fn put_run_detail(
+                &self,
+                id: $crate::store::RunId,
+                detail: &serde_json::Value,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::*;
+                let doing = "writing a run's detail record";
+                let mut tx = self.begin_write().await?;
+                sqlx::query($crate::store::common::UPSERT_RUN_DETAIL)
+                    .bind(id.0)
+                    .bind(to_json(detail))
+                    .bind(to_ms(chrono::Utc::now()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(doing))?;
+                tx.commit().await.map_err(query_err(doing))?;
+                Ok(())
+            }
+
+            async fn service_stats(&self) -> Result<$crate::store::ServiceStats, $crate::store::StoreError> {
+                use $crate::store::*;
+                let doing = "reading service statistics";
+                let counts = |sql: &'static str| async move {
+                    sqlx::query(sql)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(query_err(doing))?
+                        .iter()
+                        .map(|row| Ok((col::<String>(row, "status")?, col::<i64>(row, "n")?)))
+                        .collect::<Result<std::collections::BTreeMap<_, _>, StoreError>>()
+                };
+                let runs_by_status = counts($crate::store::common::RUNS_BY_STATUS).await?;
+                let jobs_by_status = counts($crate::store::common::JOBS_BY_STATUS).await?;
+                let oldest: Option<i64> = sqlx::query_scalar($crate::store::common::OLDEST_QUEUED_JOB)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(query_err(doing))?;
+                let last_success = sqlx::query($crate::store::common::LAST_SUCCESS)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_err(doing))?
+                    .iter()
+                    .map(|row| Ok((series_from(row)?, opt_ms(col(row, "last_success_ms")?))))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(ServiceStats { runs_by_status, jobs_by_status, oldest_queued_job: opt_ms(oldest), last_success })
             }
 
             async fn enqueue_job(

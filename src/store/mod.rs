@@ -546,6 +546,38 @@ pub struct Job {
     pub device_key: Option<String>,
 }
 
+/// A series whose latest point is red: the commit range in which it turned red.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Regression {
+    pub series_id: SeriesId,
+    /// The newest green point before the red ones (`None`: the series was never green).
+    pub last_good: Option<SeriesRun>,
+    /// The oldest red point after `last_good`.
+    pub first_bad: SeriesRun,
+    pub acknowledged: Option<Acknowledgement>,
+}
+
+/// Who acknowledged a regression, when, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Acknowledgement {
+    pub by: String,
+    pub note: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// What `/metrics` exports: counts and ages read in one place.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceStats {
+    /// Status -> number of runs.
+    pub runs_by_status: BTreeMap<String, i64>,
+    /// Status -> number of jobs.
+    pub jobs_by_status: BTreeMap<String, i64>,
+    /// When the oldest queued job was created.
+    pub oldest_queued_job: Option<DateTime<Utc>>,
+    /// Per series, when its newest passed run finished (`None`: never).
+    pub last_success: Vec<(Series, Option<DateTime<Utc>>)>,
+}
+
 /// Which backend a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -626,6 +658,49 @@ pub trait Store: Send + Sync + fmt::Debug {
         statistic: &str,
         limit: i64,
     ) -> Result<Vec<TrendPoint>, StoreError>;
+
+    // Dashboard reads (and its two small writes) for `runner serve`.
+
+    /// Every series of the same engine, model and reference as `id` (other devices,
+    /// fixtures or contract versions), in creation order; `id` is among them.
+    async fn related_series(&self, id: SeriesId) -> Result<Vec<Series>, StoreError>;
+    /// The pooled (prompt-less) `(metric, statistic)` pairs a run measured in a series.
+    async fn run_series_metrics(&self, run: RunId, series: SeriesId) -> Result<Vec<(String, String)>, StoreError>;
+    /// A run's verdicts in one series.
+    async fn run_series_verdicts(&self, run: RunId, series: SeriesId) -> Result<Vec<StoredVerdict>, StoreError>;
+    /// The runs of a series at or above `min_generation` that failed a gate on `metric`.
+    async fn series_failing_runs(
+        &self,
+        id: SeriesId,
+        metric: &str,
+        min_generation: i64,
+    ) -> Result<Vec<RunId>, StoreError>;
+    /// Like [`Store::series_trend`] for a gate's observed value (`metric`, `reduction`) when
+    /// the metric is judged but not stored as a measurement (e.g. `greedy_match_len`).
+    async fn series_verdict_trend(
+        &self,
+        id: SeriesId,
+        metric: &str,
+        reduction: &str,
+        limit: i64,
+    ) -> Result<Vec<TrendPoint>, StoreError>;
+    /// The commit range in which a series turned red, when its latest point is red.
+    async fn regression(&self, id: SeriesId) -> Result<Option<Regression>, StoreError>;
+    /// Acknowledges the regression that starts at `run` in `series`; false when it already was.
+    async fn ack_regression(
+        &self,
+        series: SeriesId,
+        run: RunId,
+        by: &str,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// A run's detail record (argmax mismatches, continuations, log tails), when written.
+    async fn run_detail(&self, id: RunId) -> Result<Option<serde_json::Value>, StoreError>;
+    /// Writes a run's detail record (replacing any earlier one).
+    async fn put_run_detail(&self, id: RunId, detail: &serde_json::Value) -> Result<(), StoreError>;
+    /// Counts and ages for `/metrics`.
+    async fn service_stats(&self) -> Result<ServiceStats, StoreError>;
 
     /// Adds a job unless one with the same dedupe key exists.
     async fn enqueue_job(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Enqueued, StoreError>;

@@ -20,6 +20,7 @@ use super::{Backend, StoreError, query_err};
 pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "queue", include_str!("../../migrations/sqlite/0002_queue.sql")),
+    (3, "dashboard", include_str!("../../migrations/sqlite/0003_dashboard.sql")),
 ];
 
 /// Where a SQLite database lives.
