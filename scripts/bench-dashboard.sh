@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Dashboard latency under load (benchmarks/BENCHMARKS.md): `runner serve` on a seeded
+# Dashboard latency under load (BENCHMARKS.md): `runner serve` on a seeded
 # database, wrk with 4 connections on 127.0.0.1 against the overview, a trend and a run page.
 #
 #   scripts/bench-dashboard.sh RUNNER DB_URL [SECONDS]
