@@ -60,7 +60,7 @@ fn every_shipped_contract_parses() {
 #[test]
 fn seed_contract_encodes_the_seeds_gates() {
     let c = shipped("seed-parity.yaml");
-    assert_eq!((c.id.as_str(), c.version.as_str()), ("seed-parity", "1"));
+    assert_eq!((c.id.as_str(), c.version.as_str()), ("seed-parity", "2"));
     let cos = c.gate("logits-cosine-vs-hf-fp16").unwrap();
     assert_eq!(cos.metric, Metric::LogitsCosine);
     assert_eq!(cos.reduction, Reduction::Min);
@@ -68,7 +68,12 @@ fn seed_contract_encodes_the_seeds_gates() {
     assert_eq!(cos.value, Threshold::Absolute(0.99));
     assert_eq!(cos.severity, Severity::Error);
     let top1 = c.gate("argmax-vs-llamacpp-top1").unwrap();
-    assert_eq!((top1.metric, top1.reduction, top1.comparison), (Metric::Top1, Reduction::All, Comparison::Eq));
+    assert_eq!(
+        (top1.metric, top1.reduction, top1.comparison),
+        (Metric::Top1MarginAware, Reduction::All, Comparison::Eq)
+    );
+    let gguf = c.gate("gguf-logits-cosine-vs-hf-fp32").unwrap();
+    assert_eq!((gguf.metric, gguf.value.clone()), (Metric::LogitsCosine, Threshold::Absolute(0.99)));
     assert_eq!(top1.value, Threshold::Absolute(1.0));
     let count = c.gate("layer-count-parity").unwrap();
     assert_eq!(count.metric, Metric::LayerCountParity);
@@ -456,18 +461,20 @@ fn the_seed_contract_judges_a_run() {
     };
     let llama = Subject {
         reference: "llamacpp-f16".into(),
-        samples: BTreeMap::from([(Metric::Top1, vec![1.0, 1.0, 1.0])]),
+        samples: BTreeMap::from([(Metric::Top1MarginAware, vec![1.0, 1.0, 1.0])]),
         ..hf.clone()
     };
-    let e = c.evaluate(&[hf.clone(), llama.clone()]);
-    assert_eq!(e.verdicts.len(), 3);
+    // The F16 GGUF file against the model's HF FP32 reference.
+    let gguf = Subject { reference: "hf-fp32-eager".into(), ..hf.clone() };
+    let e = c.evaluate(&[hf.clone(), llama.clone(), gguf.clone()]);
+    assert_eq!(e.verdicts.len(), 5, "{:#?}", e.verdicts);
     assert!(e.unmatched_gates.is_empty());
     assert!(e.passed());
 
     // One position below 0.99 fails the run, even though the mean is fine.
     let mut bad = hf.clone();
     bad.samples.insert(Metric::LogitsCosine, vec![0.9999, 0.989, 0.9999]);
-    let e = c.evaluate(&[bad, llama]);
+    let e = c.evaluate(&[bad, llama, gguf]);
     assert!(!e.passed());
     let failed: Vec<&str> = e.verdicts.iter().filter(|v| !v.passed()).map(|v| v.gate_id.as_str()).collect();
     assert_eq!(failed, ["logits-cosine-vs-hf-fp16"]);

@@ -95,7 +95,7 @@ fn subject(g: &ModelGroup, reference: &refs::Reference, mode: Mode, report: &Rep
         engine: paritybench::config::BUILTIN_ENGINE.into(),
         model: g.model.clone(),
         reference: reference.id.clone(),
-        dtype: Some(reference.dtype.clone()),
+        dtype: Some(g.dtype.clone()),
         mode: Some(mode.as_str().into()),
         ..Default::default()
     };
@@ -104,8 +104,8 @@ fn subject(g: &ModelGroup, reference: &refs::Reference, mode: Mode, report: &Rep
             s.samples.entry(m).or_default().extend_from_slice(v);
         }
     }
-    if let Some(f) = &g.floors {
-        s.noise_floors.insert(Metric::LogitsRelL2, f.logits);
+    if let Some(f) = g.pair_floor(reference, "f32") {
+        s.noise_floors.insert(Metric::LogitsRelL2, f.floors.logits);
     }
     s
 }
@@ -133,13 +133,15 @@ fn judge(model: &str, mode: Mode, mutation: Option<&str>) -> Option<Judged> {
         "the manifest records the injected mutation"
     );
 
-    let opts = metrics::Options { floors: g.floors.clone(), floor_k: FLOOR_K, ..Default::default() };
     let fp32_id = match mode {
         Mode::Prefill => "hf-fp32-eager",
         Mode::Incremental => "hf-fp32-eager-incremental",
     };
     let reference = |id: &str| g.references.iter().find(|r| r.id == id);
     let fp32 = reference(fp32_id).unwrap_or_else(|| panic!("{model}: no {fp32_id} reference"));
+    // The floor `runner once` judges this pair by: HF FP32 vs a twin of the f32 engine.
+    let floors = g.pair_floor(fp32, "f32").map(|f| f.floors.clone());
+    let opts = metrics::Options { floors, floor_k: FLOOR_K, ..Default::default() };
     let report = metrics::compare(&dump, &Dump::open_complete(&fp32.dir).unwrap(), &opts).unwrap();
     let strict = contract(STRICT).evaluate(&[subject(g, fp32, mode, &report)]).verdicts;
     let seed_fp16 = match (mode, reference("hf-fp16-sdpa")) {

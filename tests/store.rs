@@ -414,7 +414,8 @@ async fn finishing_is_all_or_nothing(store: Arc<dyn Store>) {
 async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
     let e = store.upsert_engine("paritybench", None).await.unwrap();
     let v1 = seed_contract().reference();
-    let v2 = ContractRef { version: "2".into(), ..v1.clone() };
+    // The next version of the shipped contract: another series.
+    let v2 = ContractRef { version: format!("{}.next", v1.version), ..v1.clone() };
     let mut commits = BTreeMap::new();
     // Commits recorded out of order: trends follow generation, not insertion.
     for g in [5, 1, 4, 2, 3] {
@@ -481,15 +482,17 @@ async fn series_and_dashboard_reads(store: Arc<dyn Store>) {
 
     let latest = store.latest_per_series(Some("paritybench")).await.unwrap();
     assert_eq!(latest.len(), 3, "{latest:#?}");
-    let cpu_v1 =
-        latest.iter().find(|l| l.series.device_key == cpu().key() && l.series.contract_key.ends_with("@1")).unwrap();
+    let cpu_v1 = latest
+        .iter()
+        .find(|l| l.series.device_key == cpu().key() && l.series.contract_key == format!("seed-parity@{}", v1.version))
+        .unwrap();
     assert_eq!((cpu_v1.latest.run_id, cpu_v1.latest.generation, cpu_v1.latest.status), (r5, 5, RunStatus::Passed));
     assert_eq!(cpu_v1.latest.commit_sha, sha(5));
     assert_eq!(cpu_v1.series.model, "qwen3-dense");
     assert_eq!(cpu_v1.series.fixture_id, "fx-qwen3-dense-hf-f32-1");
     let gpu_s = latest.iter().find(|l| l.series.device_key == h100().key()).unwrap();
     assert_eq!(gpu_s.latest.run_id, gpu);
-    let v2_s = latest.iter().find(|l| l.series.contract_key == "seed-parity@2").unwrap();
+    let v2_s = latest.iter().find(|l| l.series.contract_key == format!("seed-parity@{}", v2.version)).unwrap();
     assert_eq!(v2_s.latest.run_id, v2run);
     assert!(store.latest_per_series(Some("llama.cpp")).await.unwrap().is_empty());
     assert_eq!(store.latest_per_series(None).await.unwrap().len(), 3);
