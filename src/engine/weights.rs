@@ -23,6 +23,16 @@ pub enum WeightError {
     UnsupportedType { path: PathBuf, tensor: String, dtype: String },
 }
 
+/// A tensor's bytes exactly as the file stores them (for a backend that dequantizes on its
+/// device): the storage type by the file's name for it (`Q4_K`, `F16`, ...), the shape in
+/// PyTorch order, and the bytes (whole blocks, the element order of [`WeightSource::load_f32`]).
+#[derive(Debug, Clone)]
+pub struct RawTensor<'a> {
+    pub storage_type: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
 /// A source of named weight tensors.
 pub trait WeightSource: Send + Sync {
     /// The file (or directory) the weights come from, for messages and manifests.
@@ -37,4 +47,9 @@ pub trait WeightSource: Send + Sync {
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError>;
     /// Every tensor name in the file.
     fn names(&self) -> Vec<String>;
+    /// The stored bytes of a tensor, where the format keeps blocks a device can dequantize
+    /// itself (GGUF); `None` for formats and tensors without (the caller uses `load_f32`).
+    fn raw(&self, _name: &str) -> Option<RawTensor<'_>> {
+        None
+    }
 }
