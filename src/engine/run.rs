@@ -11,7 +11,9 @@
 //!
 //! GGUF files are dequantized to f32 at load and computed in f32, like safetensors; the
 //! manifest says so (`extra.compute`), since llama.cpp quantizes activations to 8 bits in
-//! its quantized matmuls and so computes in lower precision than this engine. Their
+//! its quantized matmuls and so computes in lower precision than this engine. The CUDA
+//! backend uploads the file's stored blocks instead and dequantizes them on the device
+//! (bit-exact vs the host), into the request's dtype; `extra.compute` then says that. Their
 //! hyper-parameters come from the file's metadata; every one the file is silent about is
 //! listed in `model.assumed`. Their tokenizer is the request's `tokenizer.json`, else the
 //! vocabulary embedded in the file.
@@ -155,8 +157,8 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
 }
 
 /// `extra.compute` for a run in f16 / bf16 (a GPU backend): the weights are dequantized to
-/// f32 on the host, then stored on the device in the compute dtype.
-/// A backend that took the file's stored tensors says how instead (`weights`).
+/// f32 on the host, then stored on the device in the compute dtype. A backend that took the
+/// file's stored tensors says how instead (`weights`), in any dtype.
 fn compute_note(
     mut extra: serde_json::Map<String, serde_json::Value>,
     quant: &str,

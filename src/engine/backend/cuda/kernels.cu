@@ -277,12 +277,11 @@ __device__ __forceinline__ unsigned int pb_scale_min_k4(int j, const unsigned ch
 #define PB_DEQUANT_LOOP(BS, TS)                                                                  \
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) { \
         const unsigned char* b = src + (i / (BS)) * (TS);                                        \
-        int j = (int)(i % (BS));
+        [[maybe_unused]] int j = (int)(i % (BS));
 
 // F32: the little-endian bits as they are.
 extern "C" __global__ void pb_dequant_f32(T* dst, const unsigned char* src, long n) {
     PB_DEQUANT_LOOP(1, 4)
-        (void)j;
         st(dst, i, __uint_as_float(pb_u32_at(b, 0)));
     }
 }
@@ -290,7 +289,6 @@ extern "C" __global__ void pb_dequant_f32(T* dst, const unsigned char* src, long
 // F16: exact widening.
 extern "C" __global__ void pb_dequant_f16(T* dst, const unsigned char* src, long n) {
     PB_DEQUANT_LOOP(1, 2)
-        (void)j;
         st(dst, i, pb_f16_at(b, 0));
     }
 }
@@ -298,7 +296,6 @@ extern "C" __global__ void pb_dequant_f16(T* dst, const unsigned char* src, long
 // BF16: the 16 bits become the high half of an f32.
 extern "C" __global__ void pb_dequant_bf16(T* dst, const unsigned char* src, long n) {
     PB_DEQUANT_LOOP(1, 2)
-        (void)j;
         st(dst, i, __uint_as_float(((unsigned int)b[0] | ((unsigned int)b[1] << 8)) << 16));
     }
 }
