@@ -4,7 +4,8 @@
 //! safetensors, `blk.N.*` names for GGUF; see `model.rs` for the per-architecture role ->
 //! name tables) and always receives row-major f32 in PyTorch dimension order (`[out, in]`
 //! for a linear layer, `[E, out, in]` for stacked experts). Quantized storage is
-//! dequantized on load.
+//! dequantized on load; [`WeightSource::raw`] also gives the stored bytes, for a backend that
+//! dequantizes on its device (CUDA).
 
 use std::path::PathBuf;
 

@@ -6,7 +6,11 @@
 //! multiply-add contraction, and stores them with the same round-to-nearest-even as
 //! [`StorageType::encode`]. [`check_tensor`] compares the two bit for bit on a real GPU
 //! (`runner engine dequant-check`); the plan below (which kernel, how many blocks, the launch)
-//! is plain arithmetic, tested without one.
+//! is plain arithmetic, tested without one, and `tests/cuda_dequant_source.rs` runs the kernels'
+//! source as C++ against the host on random blocks. One known difference: a NaN scale makes the
+//! GPU's arithmetic return its canonical NaN where the host keeps the payload (F32/F16/BF16
+//! tensors, which need no arithmetic, keep payloads on both); llama-quantize writes no NaN
+//! scales, and no real file checked had one.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg, result as cur};
 
