@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Tables (markdown) from the results-parity.json / results-bench.json that gpu-run.py wrote.
 
-Usage: gpu-summarize.py results-parity.json [results-bench.json]
+Usage: gpu-summarize.py results-parity.json [MODEL]     parity (and MODEL's CUDA-vs-CPU layers)
+       gpu-summarize.py results-bench.json                speed vs HF
+       gpu-summarize.py results-gguf.json [dequant-check.json]   GGUF (scripts/gpu-gguf.py)
 
 Parity, per model and dtype: the floor (HF SDPA vs HF eager, same GPU, same sitting), the
 engine on CUDA vs HF eager, their ratio (acceptance: <= 2), the worst per-capture ratio, the
@@ -83,9 +85,71 @@ def bench(res):
     return "\n".join(out)
 
 
+def gguf(res, check=None):
+    """The GGUF tables: device dequantization vs host, parity per file type, llama.cpp vs engine."""
+    out = []
+    if check:
+        out += ["| stored type | tensors | elements | elements differing (f32, f16, bf16 outputs) |", "|---|---|---|---|"]
+        for t, v in sorted(check["by_type"].items()):
+            out.append(f"| {t} | {v['tensors']} | {v['elements']:,} | {v['differing']} |")
+        out.append("")
+    rows = [k for k in res if k.endswith("/engine-cuda-vs-engine-cpu") or k.endswith("/gguf-vs-safetensors-cuda-f16")]
+    if rows:
+        out += ["| model | file | comparison | logits relL2 mean / max | worst capture relL2 max (tensor) | min cosine | "
+                "top-1 margin-aware | greedy (8 steps) |", "|" + "---|" * 8]
+        for k in rows:
+            m, t, what = k.split("/")
+            v = res[k]
+            if "error" in v:
+                out.append(f"| {m} | {t} | {what} | {v['error']} | | | | |")
+                continue
+            w = max(((x.get("rel_l2_max") or 0, n) for n, x in v["layers"].items()), default=(None, ""))
+            g = v.get("greedy") or {}
+            out.append(f"| {m} | {t} | {what} | {fmt(v['logits_rel_l2_mean'])} / {fmt(v['logits_rel_l2_max'])} | "
+                       f"{fmt(w[0])} ({w[1]}) | {v['cosine_min']:.9f} | {v['top1_margin_aware']:.4f} | "
+                       f"{g.get('full_matches')}/{g.get('prompts')} |")
+        out.append("")
+    bw = (res.get("bandwidth") or {}).get("copy_bytes_per_s")
+    keys = [k for k in res if isinstance(res[k], dict) and "weight_bytes_per_token" in res[k]]
+    if keys:
+        out += [f"device-to-device copy bandwidth (read + write): {fmt(bw and bw / 1e9, '.0f')} GB/s "
+                f"(after: {fmt((res.get('bandwidth_after') or {}).get('copy_bytes_per_s', 0) / 1e9, '.0f')} GB/s)", "",
+                "| model | file | prefill tok/s llama.cpp / engine (ratio) | decode tok/s llama.cpp / engine (ratio) | "
+                "peak GPU memory llama.cpp / engine | bytes per token llama.cpp / engine | decode roofline tok/s "
+                "llama.cpp / engine | share of roofline llama.cpp / engine |", "|" + "---|" * 8]
+        for k in keys:
+            m, t = k.split("/")
+            v = res[k]
+            lc, en = v.get("llamacpp") or {}, v.get("engine") or {}
+            f16 = res.get(f"{m}/F16", {}).get("weight_bytes_per_token")  # the engine reads f16 weights
+            wb = v["weight_bytes_per_token"]
+            roof_l, roof_e = (bw / wb if bw else None), (bw / f16 if bw and f16 else None)
+
+            def ratio(a, b):
+                return f"{b / a:.2f}" if a and b else "n/a"
+
+            def share(x, r):
+                return fmt(x / r if x and r else None, ".0%")
+
+            gib = lambda b: fmt(b and b / 2**30, ".2f")  # noqa: E731
+            out.append(
+                f"| {m} | {t} | {fmt(lc.get('prefill_tok_s'), '.0f')} / {fmt(en.get('prefill_tok_s'), '.0f')} "
+                f"({ratio(lc.get('prefill_tok_s'), en.get('prefill_tok_s'))}) | {fmt(lc.get('decode_tok_s'), '.1f')} / "
+                f"{fmt(en.get('decode_tok_s'), '.1f')} ({ratio(lc.get('decode_tok_s'), en.get('decode_tok_s'))}) | "
+                f"{gib(lc.get('peak_gpu_bytes_nvidia_smi'))} / {gib(en.get('peak_gpu_bytes'))} "
+                f"({gib(en.get('peak_gpu_bytes_nvidia_smi'))}) GiB | {gib(wb)} / {gib(f16)} GiB | "
+                f"{fmt(roof_l, '.0f')} / {fmt(roof_e, '.0f')} | {share(lc.get('decode_tok_s'), roof_l)} / "
+                f"{share(en.get('decode_tok_s'), roof_e)} |")
+    return "\n".join(out)
+
+
 def main():
     res = json.loads(open(sys.argv[1]).read())
-    if "bandwidth" in res:
+    if any(isinstance(v, dict) and ("weight_bytes_per_token" in v or "layers" in v) for v in res.values()) and \
+            any(k.endswith("/engine-cuda-vs-engine-cpu") or "/F16" in k for k in res):
+        check = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else None
+        print(gguf(res, check))
+    elif "bandwidth" in res:
         print(bench(res))
     else:
         print(parity(res))

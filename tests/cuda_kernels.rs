@@ -59,3 +59,41 @@ fn a_kernel_that_does_not_compile_is_an_error_naming_the_line() {
     let e = format!("{:?}", bad.expect_err("must not compile"));
     assert!(e.contains("undefined_name") || e.contains("CompileError"), "{e}");
 }
+
+/// The PTX text of one entry: from `.entry NAME(` to the next entry (or the end).
+fn entry<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no entry {name}"));
+    let rest = &ptx[start + 1..];
+    let end = rest.find(".entry ").map_or(ptx.len(), |e| start + 1 + e);
+    &ptx[start..end]
+}
+
+/// The GGUF dequantization kernels compile for every storage type, and NVRTC fused none of
+/// their multiplies and adds into an FMA (the host evaluates them with two roundings, so a
+/// contracted one could differ in the last bit: bit-exactness needs the `_rn` intrinsics).
+#[test]
+fn dequant_kernels_compile_without_contraction() {
+    if std::env::var("PARITYBENCH_SKIP_NVRTC").is_ok_and(|v| v == "1") {
+        eprintln!("PARITYBENCH_SKIP_NVRTC=1: kernel compilation not checked");
+        return;
+    }
+    assert!(load_nvrtc(), "NVRTC cannot be loaded (see every_kernel_compiles_for_every_type_and_arch)");
+    use paritybench::engine::backend::cuda::dequant;
+    for ty in StorageType::ALL {
+        let ptx = kernels::compile_ptx(ty, "compute_90").unwrap_or_else(|e| panic!("{ty:?}: {e}"));
+        let text = ptx.to_src();
+        for (ggml, k) in dequant::KINDS {
+            let body = entry(&text, k);
+            assert!(!body.contains("fma."), "{ty:?}: {k} ({}) has a fused multiply-add", ggml.name());
+            if ty == StorageType::F16 {
+                assert!(body.contains("cvt.rn.f16.f32"), "{k}: f16 output is not rounded to nearest even");
+            }
+        }
+        // the offset types keep both roundings
+        for k in ["pb_dequant_q4_1", "pb_dequant_q5_1", "pb_dequant_q4_k", "pb_dequant_q5_k"] {
+            let body = entry(&text, k);
+            assert!(body.contains("mul.rn.f32"), "{ty:?}: {k} has no rounded multiply");
+            assert!(body.contains("add.rn.f32") || body.contains("sub.rn.f32"), "{ty:?}: {k} has no rounded add");
+        }
+    }
+}

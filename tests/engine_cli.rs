@@ -239,6 +239,21 @@ fn cuda_without_a_driver_and_half_precision_on_cpu_are_refused_clearly() {
 }
 
 #[test]
+fn dequant_check_without_a_gpu_or_on_the_cpu_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("x.gguf");
+    std::fs::write(&f, b"not a gguf").unwrap();
+    let o = runner().args(["engine", "dequant-check", "--device", "cpu"]).arg(&f).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("needs a GPU"), "{}", stderr(&o));
+    if !paritybench::engine::backend::cuda::library_loads(&["libcuda.so.1", "libcuda.so"]) {
+        let o = runner().args(["engine", "dequant-check", "--device", "cuda:0"]).arg(&f).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("CUDA is not available"), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn a_missing_request_or_model_directory_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let o = engine_run(&tmp.path().join("nope.json"), &tmp.path().join("d"), &[]);

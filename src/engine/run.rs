@@ -11,7 +11,9 @@
 //!
 //! GGUF files are dequantized to f32 at load and computed in f32, like safetensors; the
 //! manifest says so (`extra.compute`), since llama.cpp quantizes activations to 8 bits in
-//! its quantized matmuls and so computes in lower precision than this engine. Their
+//! its quantized matmuls and so computes in lower precision than this engine. The CUDA
+//! backend uploads the file's stored blocks instead and dequantizes them on the device
+//! (bit-exact vs the host), into the request's dtype; `extra.compute` then says that. Their
 //! hyper-parameters come from the file's metadata; every one the file is silent about is
 //! listed in `model.assumed`. Their tokenizer is the request's `tokenizer.json`, else the
 //! vocabulary embedded in the file.
@@ -85,7 +87,13 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         }
     }
     let model = &loaded.model;
-    backend.prepare(model, req.dtype)?;
+    let weights_note = match loaded.weights.as_deref() {
+        Some(w) => backend.prepare_from(model, w, req.dtype)?,
+        None => {
+            backend.prepare(model, req.dtype)?;
+            None
+        }
+    };
     let (plan, points, layers, absent) = CapturePlan::resolve(&req.captures, &model.config);
 
     let mut versions = BTreeMap::new();
@@ -131,7 +139,7 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         command,
         created_utc: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         error: None,
-        extra: compute_note(loaded.extra.clone(), &loaded.quant, req.dtype, backend.name()),
+        extra: compute_note(loaded.extra.clone(), &loaded.quant, req.dtype, backend.name(), weights_note),
     };
     let mut writer = DumpWriter::create(out, manifest)?;
     let result = run_prompts(&req, model, backend.as_ref(), &plan, tokenizer, &mut writer);
@@ -149,15 +157,22 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
 }
 
 /// `extra.compute` for a run in f16 / bf16 (a GPU backend): the weights are dequantized to
-/// f32 on the host, then stored on the device in the compute dtype.
+/// f32 on the host, then stored on the device in the compute dtype. A backend that took the
+/// file's stored tensors says how instead (`weights`), in any dtype.
 fn compute_note(
     mut extra: serde_json::Map<String, serde_json::Value>,
     quant: &str,
     dtype: ComputeDtype,
     backend: &str,
+    weights: Option<String>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let d = compute_dtype_name(dtype);
-    if d != "f32" {
+    if let Some(w) = weights {
+        extra.insert(
+            "compute".into(),
+            format!("{w}; activations in {d}, products and reductions accumulated in f32").into(),
+        );
+    } else if d != "f32" {
         extra.insert(
             "compute".into(),
             format!(
@@ -217,6 +232,9 @@ pub struct LoadedModel {
     pub tokenizer_missing: Option<std::path::PathBuf>,
     /// Notes for the manifest's `extra`.
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The file the weights came from, kept open for a backend that uploads the stored
+    /// tensors itself (GGUF); `None` where the host's f32 copy is all there is to upload.
+    pub weights: Option<Box<dyn WeightSource>>,
 }
 
 /// The tokenizer a run checks prompt texts with: an HF `tokenizer.json`, or the vocabulary
@@ -295,6 +313,7 @@ pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
                 tokenizer,
                 tokenizer_missing: None,
                 extra: Default::default(),
+                weights: None,
             })
         }
         "gguf" => load_gguf(m),
@@ -357,7 +376,16 @@ fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
         .into(),
     );
     let model = Model::load(config, &weights)?;
-    Ok(LoadedModel { model, format: "gguf", quant, sha256: Some(sha256), tokenizer, tokenizer_missing, extra })
+    Ok(LoadedModel {
+        model,
+        format: "gguf",
+        quant,
+        sha256: Some(sha256),
+        tokenizer,
+        tokenizer_missing,
+        extra,
+        weights: Some(Box::new(weights)),
+    })
 }
 
 /// The file type a GGUF file declares (`general.file_type`, llama.cpp's `llama_ftype`),

@@ -4,7 +4,8 @@
 //! safetensors, `blk.N.*` names for GGUF; see `model.rs` for the per-architecture role ->
 //! name tables) and always receives row-major f32 in PyTorch dimension order (`[out, in]`
 //! for a linear layer, `[E, out, in]` for stacked experts). Quantized storage is
-//! dequantized on load.
+//! dequantized on load; [`WeightSource::raw`] also gives the stored bytes, for a backend that
+//! dequantizes on its device (CUDA).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,16 @@ pub enum WeightError {
     UnsupportedType { path: PathBuf, tensor: String, dtype: String },
 }
 
+/// A tensor's bytes exactly as the file stores them (for a backend that dequantizes on its
+/// device): the storage type by the file's name for it (`Q4_K`, `F16`, ...), the shape in
+/// PyTorch order, and the bytes (whole blocks, the element order of [`WeightSource::load_f32`]).
+#[derive(Debug, Clone)]
+pub struct RawTensor<'a> {
+    pub storage_type: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
 /// A source of named weight tensors.
 pub trait WeightSource: Send + Sync {
     /// The file (or directory) the weights come from, for messages and manifests.
@@ -37,4 +48,9 @@ pub trait WeightSource: Send + Sync {
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError>;
     /// Every tensor name in the file.
     fn names(&self) -> Vec<String>;
+    /// The stored bytes of a tensor, where the format keeps blocks a device can dequantize
+    /// itself (GGUF); `None` for formats and tensors without (the caller uses `load_f32`).
+    fn raw(&self, _name: &str) -> Option<RawTensor<'_>> {
+        None
+    }
 }

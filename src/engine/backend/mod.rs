@@ -10,6 +10,7 @@ pub mod cuda;
 use super::EngineError;
 use super::kv_cache::KvCache;
 use super::model::{ForwardIo, Model, Scratch};
+use super::weights::WeightSource;
 use crate::protocol::ComputeDtype;
 
 /// The backends this build can run, for `describe`.
@@ -56,6 +57,8 @@ pub enum BackendError {
     Cuda { call: String, message: String },
     #[error("cannot start {threads} CPU worker threads: {message}")]
     ThreadPool { threads: usize, message: String },
+    #[error("tensor `{tensor}` cannot be dequantized on the GPU: {source}")]
+    Dequant { tensor: String, source: cuda::dequant::DequantError },
 }
 
 /// An execution backend: runs [`Model::forward`]'s steps on its device.
@@ -79,6 +82,17 @@ pub trait Backend: Send + Sync {
     /// Readies `model` for forward calls in `dtype` (a GPU backend uploads the weights).
     fn prepare(&self, _model: &Model, _dtype: ComputeDtype) -> Result<(), EngineError> {
         Ok(())
+    }
+    /// [`Backend::prepare`] with the file `model` was loaded from, for a backend that takes
+    /// the stored tensors ([`WeightSource::raw`]) instead of the host's f32 copies. Returns
+    /// how the weights reached the device, for the manifest (`None`: as `prepare` does).
+    fn prepare_from(
+        &self,
+        model: &Model,
+        _source: &dyn WeightSource,
+        dtype: ComputeDtype,
+    ) -> Result<Option<String>, EngineError> {
+        self.prepare(model, dtype).map(|()| None)
     }
     /// The most device memory the backend has held, for GPU backends.
     fn peak_gpu_bytes(&self) -> Option<u64> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::file::{GgufError, GgufFile};
 use super::quants::{self, QuantError};
-use crate::engine::weights::{WeightError, WeightSource};
+use crate::engine::weights::{RawTensor, WeightError, WeightSource};
 
 /// Hyper-parameters of a GGUF model. Keys are `{architecture}.{name}` in the file.
 /// `None` means the key is absent (listed in [`GgufConfig::absent`]).
@@ -253,5 +253,14 @@ impl WeightSource for GgufWeights {
 
     fn names(&self) -> Vec<String> {
         self.file.tensors().iter().map(|t| t.name.clone()).collect()
+    }
+
+    fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        let info = self.file.tensor(name)?;
+        Some(RawTensor {
+            storage_type: info.ggml_type.name(),
+            shape: info.torch_shape(),
+            bytes: self.file.tensor_bytes(info),
+        })
     }
 }

@@ -16,11 +16,15 @@
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{LaunchConfig, PushKernelArg, result as cur, sys as cu};
 
+use std::collections::BTreeMap;
+
+use super::dequant;
 use super::kernels::{self, Geometry, StorageType};
 use super::{BackendError, DevBuf, Gpu, cuda_err};
 use crate::engine::EngineError;
 use crate::engine::kv_cache::KvCache;
-use crate::engine::model::{FeedForward, ForwardIo, Linear, Model};
+use crate::engine::model::{FeedForward, ForwardIo, Linear, Model, NameTable, Role};
+use crate::engine::weights::WeightSource;
 use crate::protocol::CapturePoint;
 
 /// A linear layer on the device.
@@ -83,6 +87,8 @@ pub struct DevModel {
     /// `[head_dim / 2]` f32
     pub inv_freq: DevBuf,
     pub layers: Vec<DevLayer>,
+    /// How the weights reached the device (see [`upload_model`]).
+    pub note: Option<String>,
 }
 
 /// Device buffers of the running sequence: KV cache and activations, grown on demand.
@@ -150,24 +156,101 @@ fn upload(g: &mut Gpu, ty: StorageType, v: &[f32]) -> Result<DevBuf, BackendErro
     upload_bytes(g, &ty.encode(v))
 }
 
-fn upload_linear(g: &mut Gpu, ty: StorageType, l: &Linear) -> Result<DevLinear, BackendError> {
-    Ok(DevLinear {
-        w: upload(g, ty, &l.weight)?,
-        b: match &l.bias {
-            Some(b) => Some(upload(g, ty, b)?),
-            None => None,
-        },
-        out_features: l.out_features,
-        in_features: l.in_features,
-    })
+/// Where the device copy of each weight comes from: the file's stored blocks, dequantized
+/// on the device ([`dequant`]), when the source keeps them ([`WeightSource::raw`]); else the
+/// host's f32 copy in the model, rounded to the storage type on the host.
+struct Uploader<'a> {
+    ty: StorageType,
+    source: Option<(&'a dyn WeightSource, NameTable)>,
+    /// Tensors dequantized on the device, by stored type.
+    on_device: BTreeMap<&'static str, usize>,
+    from_host: usize,
+}
+
+impl Uploader<'_> {
+    fn weight(&mut self, g: &mut Gpu, role: Role, layer: usize, host: &[f32]) -> Result<DevBuf, BackendError> {
+        let stacked = matches!(role, Role::FfnGateExps | Role::FfnUpExps | Role::FfnDownExps);
+        if let Some((src, names)) = self.source.filter(|(_, n)| !stacked || n.stacks_experts()) {
+            let name = names.name(role, layer);
+            if let Some(raw) = src.raw(&name) {
+                let elements: usize = raw.shape.iter().product();
+                if elements != host.len() {
+                    return Err(BackendError::Dequant {
+                        tensor: name,
+                        source: dequant::DequantError::Shape { shape: raw.shape.clone(), expected: host.len() },
+                    });
+                }
+                let buf = dequant::dequantize(g, self.ty, &name, &raw)?;
+                *self.on_device.entry(raw.storage_type).or_insert(0) += 1;
+                return Ok(buf);
+            }
+        }
+        self.from_host += 1;
+        upload(g, self.ty, host)
+    }
+
+    fn linear(
+        &mut self,
+        g: &mut Gpu,
+        (role, bias): (Role, Role),
+        layer: usize,
+        l: &Linear,
+    ) -> Result<DevLinear, BackendError> {
+        Ok(DevLinear {
+            w: self.weight(g, role, layer, &l.weight)?,
+            b: match &l.bias {
+                Some(b) => Some(self.weight(g, bias, layer, b)?),
+                None => None,
+            },
+            out_features: l.out_features,
+            in_features: l.in_features,
+        })
+    }
+
+    fn opt(
+        &mut self,
+        g: &mut Gpu,
+        role: Role,
+        layer: usize,
+        w: &Option<Vec<f32>>,
+    ) -> Result<Option<DevBuf>, BackendError> {
+        match w {
+            Some(w) => Ok(Some(self.weight(g, role, layer, w)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// How the weights reached the device, for the manifest; `None` when all came from the host.
+    fn note(&self) -> Option<String> {
+        if self.on_device.is_empty() {
+            return None;
+        }
+        let types: Vec<String> = self.on_device.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+        Some(format!(
+            "weights uploaded as stored ({}) and dequantized on the GPU to {} by NVRTC kernels (bit-exact vs the host \
+             dequantization){}",
+            types.join(", "),
+            self.ty.as_str(),
+            match self.from_host {
+                0 => String::new(),
+                n => format!("; {n} tensors from the host's f32 copy"),
+            }
+        ))
+    }
 }
 
 /// Uploads `model`'s weights in `ty` (once; again only if the model or the type changes),
-/// and compiles the kernels for `ty`.
-pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), BackendError> {
-    let source = model as *const Model as usize;
-    if g.model.as_ref().is_some_and(|m| m.source == source && m.ty == ty) {
-        return Ok(());
+/// and compiles the kernels for `ty`. With `source` (the file the model was loaded from),
+/// tensors it stores as blocks are dequantized on the device; returns how, for the manifest.
+pub fn upload_model(
+    g: &mut Gpu,
+    model: &Model,
+    source: Option<&dyn WeightSource>,
+    ty: StorageType,
+) -> Result<Option<String>, BackendError> {
+    let key = model as *const Model as usize;
+    if let Some(m) = g.model.as_ref().filter(|m| m.source == key && m.ty == ty) {
+        return Ok(m.note.clone());
     }
     if let Some(old) = g.model.take() {
         release_model(g, old);
@@ -179,27 +262,32 @@ pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), B
             message: format!("{} experts; the routing kernel takes at most {}", m.n_experts, kernels::MAX_EXPERTS),
         });
     }
-    let embed = upload(g, ty, &model.embed_tokens)?;
+    // An injected bug (mutation tests) lives in the host copy: upload that one.
+    #[cfg(feature = "mutation-testing")]
+    let source = source.filter(|_| model.mutation.is_none());
+    let source = source.and_then(|s| NameTable::for_format(s.format()).map(|n| (s, n)));
+    let mut up = Uploader { ty, source, on_device: BTreeMap::new(), from_host: 0 };
+    let embed = up.weight(g, Role::TokenEmbd, 0, &model.embed_tokens)?;
     let lm_head = match &model.lm_head {
-        Some(w) => Some(upload(g, ty, w)?),
+        Some(w) => Some(up.weight(g, Role::Output, 0, w)?),
         None => None,
     };
-    let norm = upload(g, ty, &model.norm)?;
+    let norm = up.weight(g, Role::OutputNorm, 0, &model.norm)?;
     let inv_freq = upload(g, StorageType::F32, model.inv_freq())?;
     let mut layers = Vec::with_capacity(model.layers.len());
-    for l in &model.layers {
+    for (i, l) in model.layers.iter().enumerate() {
         let a = &l.self_attn;
         let ffn = match &l.mlp {
             FeedForward::Dense(m) => DevFfn::Dense {
-                gate: upload_linear(g, ty, &m.gate_proj)?,
-                up: upload_linear(g, ty, &m.up_proj)?,
-                down: upload_linear(g, ty, &m.down_proj)?,
+                gate: up.linear(g, (Role::FfnGate, Role::FfnGate), i, &m.gate_proj)?,
+                up: up.linear(g, (Role::FfnUp, Role::FfnUp), i, &m.up_proj)?,
+                down: up.linear(g, (Role::FfnDown, Role::FfnDown), i, &m.down_proj)?,
             },
             FeedForward::Sparse(m) => DevFfn::Sparse(DevMoe {
-                router: upload_linear(g, ty, &m.gate)?,
-                gate: upload(g, ty, &m.experts_gate_proj)?,
-                up: upload(g, ty, &m.experts_up_proj)?,
-                down: upload(g, ty, &m.experts_down_proj)?,
+                router: up.linear(g, (Role::FfnRouter, Role::FfnRouter), i, &m.gate)?,
+                gate: up.weight(g, Role::FfnGateExps, i, &m.experts_gate_proj)?,
+                up: up.weight(g, Role::FfnUpExps, i, &m.experts_up_proj)?,
+                down: up.weight(g, Role::FfnDownExps, i, &m.experts_down_proj)?,
                 n_experts: m.n_experts,
                 top_k: m.top_k,
                 inter: m.intermediate_size,
@@ -207,25 +295,20 @@ pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), B
             }),
         };
         layers.push(DevLayer {
-            attn_norm: upload(g, ty, &l.input_layernorm)?,
-            ffn_norm: upload(g, ty, &l.post_attention_layernorm)?,
-            q: upload_linear(g, ty, &a.q_proj)?,
-            k: upload_linear(g, ty, &a.k_proj)?,
-            v: upload_linear(g, ty, &a.v_proj)?,
-            o: upload_linear(g, ty, &a.o_proj)?,
-            q_norm: match &a.q_norm {
-                Some(w) => Some(upload(g, ty, w)?),
-                None => None,
-            },
-            k_norm: match &a.k_norm {
-                Some(w) => Some(upload(g, ty, w)?),
-                None => None,
-            },
+            attn_norm: up.weight(g, Role::AttnNorm, i, &l.input_layernorm)?,
+            ffn_norm: up.weight(g, Role::FfnNorm, i, &l.post_attention_layernorm)?,
+            q: up.linear(g, (Role::AttnQ, Role::AttnQBias), i, &a.q_proj)?,
+            k: up.linear(g, (Role::AttnK, Role::AttnKBias), i, &a.k_proj)?,
+            v: up.linear(g, (Role::AttnV, Role::AttnVBias), i, &a.v_proj)?,
+            o: up.linear(g, (Role::AttnOut, Role::AttnOutBias), i, &a.o_proj)?,
+            q_norm: up.opt(g, Role::AttnQNorm, i, &a.q_norm)?,
+            k_norm: up.opt(g, Role::AttnKNorm, i, &a.k_norm)?,
             ffn,
         });
     }
-    g.model = Some(DevModel { source, ty, embed, lm_head, norm, inv_freq, layers });
-    Ok(())
+    let note = up.note();
+    g.model = Some(DevModel { source: key, ty, embed, lm_head, norm, inv_freq, layers, note: note.clone() });
+    Ok(note)
 }
 
 fn release_model(g: &mut Gpu, m: DevModel) {
@@ -556,7 +639,7 @@ pub fn forward(
     let ty = match &g.model {
         Some(m) if m.source == model as *const Model as usize => m.ty,
         _ => {
-            upload_model(g, model, StorageType::F32)?;
+            upload_model(g, model, None, StorageType::F32)?;
             StorageType::F32
         }
     };

@@ -240,3 +240,148 @@ extern "C" __global__ void pb_scatter_add_scaled(T* o, const T* d, const int* ro
     long oi = (long)rows[i] * h + c;
     st(o, oi, ld(o, oi) + rnd(ld(d, (long)i * h + c) * w[i]));
 }
+
+// ---- GGUF dequantization ------------------------------------------------------------------
+//
+// Raw ggml blocks (the file's bytes, uploaded as stored) to T: one thread per output element,
+// grid-stride over `n` elements. Each value is computed in f32 with the operations and order
+// of the host dequantization (src/engine/gguf/quants.rs, itself bit-exact vs gguf-py), using
+// the _rn intrinsics so that no multiply and add is contracted into an FMA; f16 scales are
+// widened bit by bit (exact, NaN payloads kept as numpy keeps them). The f32 value is then
+// stored with `st`: the identity for f32, round-to-nearest-even for f16 / bf16, exactly as the
+// host's `StorageType::encode`. Bytes are read one at a time: blocks of 18, 22 or 34 bytes
+// are not aligned for wider loads.
+
+__device__ __forceinline__ float pb_f16_bits(unsigned int h) {
+    unsigned int s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1fu) return __uint_as_float(s | 0x7f800000u | (m << 13)); // inf, NaN with payload
+    if (e == 0u) {                                                       // zero, subnormal: m * 2^-24
+        float f = __fmul_rn((float)m, 5.9604644775390625e-8f);
+        return __uint_as_float(__float_as_uint(f) | s);
+    }
+    return __uint_as_float(s | ((e + 112u) << 23) | (m << 13));
+}
+__device__ __forceinline__ float pb_f16_at(const unsigned char* b, int i) {
+    return pb_f16_bits((unsigned int)b[i] | ((unsigned int)b[i + 1] << 8));
+}
+__device__ __forceinline__ unsigned int pb_u32_at(const unsigned char* b, int i) {
+    return (unsigned int)b[i] | ((unsigned int)b[i + 1] << 8) | ((unsigned int)b[i + 2] << 16) |
+           ((unsigned int)b[i + 3] << 24);
+}
+// ggml's get_scale_min_k4: the 6-bit scale (which = 0) or min (which = 1) of sub-block j.
+__device__ __forceinline__ unsigned int pb_scale_min_k4(int j, const unsigned char* s, int which) {
+    if (j < 4) return which ? (s[j + 4] & 63u) : (s[j] & 63u);
+    return which ? ((s[j + 4] >> 4) | ((s[j] >> 6) << 4)) : ((s[j + 4] & 0x0fu) | ((s[j - 4] >> 6) << 4));
+}
+
+#define PB_DEQUANT_LOOP(BS, TS)                                                                  \
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) { \
+        const unsigned char* b = src + (i / (BS)) * (TS);                                        \
+        [[maybe_unused]] int j = (int)(i % (BS));
+
+// F32: the little-endian bits as they are.
+extern "C" __global__ void pb_dequant_f32(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(1, 4)
+        st(dst, i, __uint_as_float(pb_u32_at(b, 0)));
+    }
+}
+
+// F16: exact widening.
+extern "C" __global__ void pb_dequant_f16(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(1, 2)
+        st(dst, i, pb_f16_at(b, 0));
+    }
+}
+
+// BF16: the 16 bits become the high half of an f32.
+extern "C" __global__ void pb_dequant_bf16(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(1, 2)
+        st(dst, i, __uint_as_float(((unsigned int)b[0] | ((unsigned int)b[1] << 8)) << 16));
+    }
+}
+
+// Q8_0, 34 bytes: d: f16, qs: [i8; 32]; y = qs * d.
+extern "C" __global__ void pb_dequant_q8_0(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(32, 34)
+        st(dst, i, __fmul_rn((float)(signed char)b[2 + j], pb_f16_at(b, 0)));
+    }
+}
+
+// Q4_0, 18 bytes: d: f16, qs: [u8; 16]; element j < 16 the low nibble of qs[j], j >= 16 the
+// high nibble of qs[j - 16]; y = (q - 8) * d.
+extern "C" __global__ void pb_dequant_q4_0(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(32, 18)
+        int q = j < 16 ? (b[2 + j] & 0x0f) : (b[2 + j - 16] >> 4);
+        st(dst, i, __fmul_rn((float)(q - 8), pb_f16_at(b, 0)));
+    }
+}
+
+// Q4_1, 20 bytes: d, m: f16, qs: [u8; 16]; y = d * q + m (two roundings).
+extern "C" __global__ void pb_dequant_q4_1(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(32, 20)
+        int q = j < 16 ? (b[4 + j] & 0x0f) : (b[4 + j - 16] >> 4);
+        st(dst, i, __fadd_rn(__fmul_rn(pb_f16_at(b, 0), (float)q), pb_f16_at(b, 2)));
+    }
+}
+
+// Q5_0, 22 bytes: d: f16, qh: u32, qs: [u8; 16]; the fifth bit of element j is bit j of qh;
+// y = (q - 16) * d.
+extern "C" __global__ void pb_dequant_q5_0(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(32, 22)
+        unsigned int qh = pb_u32_at(b, 2);
+        int lo = j < 16 ? (b[6 + j] & 0x0f) : (b[6 + j - 16] >> 4);
+        int q = lo | (int)(((qh >> j) & 1u) << 4);
+        st(dst, i, __fmul_rn((float)(q - 16), pb_f16_at(b, 0)));
+    }
+}
+
+// Q5_1, 24 bytes: d, m: f16, qh: u32, qs: [u8; 16]; y = d * q + m.
+extern "C" __global__ void pb_dequant_q5_1(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(32, 24)
+        unsigned int qh = pb_u32_at(b, 4);
+        int lo = j < 16 ? (b[8 + j] & 0x0f) : (b[8 + j - 16] >> 4);
+        int q = lo | (int)(((qh >> j) & 1u) << 4);
+        st(dst, i, __fadd_rn(__fmul_rn(pb_f16_at(b, 0), (float)q), pb_f16_at(b, 2)));
+    }
+}
+
+// Q4_K, 144 bytes: d, dmin: f16, scales: [u8; 12], qs: [u8; 128]. Element j: chunk c = j / 64
+// (bytes qs[32c..32c+32]), sub-block s = j / 32 (low nibbles for even s, high for odd);
+// y = (d * sc) * q - (dmin * m), each product rounded to f32 first.
+extern "C" __global__ void pb_dequant_q4_k(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(256, 144)
+        int s = j / 32, l = j % 32, c = j / 64;
+        unsigned int byte = b[16 + 32 * c + l];
+        unsigned int q = (s & 1) ? (byte >> 4) : (byte & 0x0fu);
+        float dl = __fmul_rn(pb_f16_at(b, 0), (float)pb_scale_min_k4(s, b + 4, 0));
+        float ml = __fmul_rn(pb_f16_at(b, 2), (float)pb_scale_min_k4(s, b + 4, 1));
+        st(dst, i, __fsub_rn(__fmul_rn(dl, (float)q), ml));
+    }
+}
+
+// Q5_K, 176 bytes: d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]. As Q4_K, with
+// the fifth bit of element l of sub-block s in bit s of qh[l].
+extern "C" __global__ void pb_dequant_q5_k(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(256, 176)
+        int s = j / 32, l = j % 32, c = j / 64;
+        unsigned int byte = b[48 + 32 * c + l];
+        unsigned int q = ((s & 1) ? (byte >> 4) : (byte & 0x0fu)) | (((b[16 + l] >> s) & 1u) << 4);
+        float dl = __fmul_rn(pb_f16_at(b, 0), (float)pb_scale_min_k4(s, b + 4, 0));
+        float ml = __fmul_rn(pb_f16_at(b, 2), (float)pb_scale_min_k4(s, b + 4, 1));
+        st(dst, i, __fsub_rn(__fmul_rn(dl, (float)q), ml));
+    }
+}
+
+// Q6_K, 210 bytes: ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16. Element j: half
+// h = j / 128, k = (j % 128) / 32, l = j % 32; low 4 bits: nibble k / 2 of ql[64h + 32(k % 2) + l],
+// high 2 bits: bits 2k..2k+2 of qh[32h + l]; y = (d * scales[j / 16]) * (q - 32).
+extern "C" __global__ void pb_dequant_q6_k(T* dst, const unsigned char* src, long n) {
+    PB_DEQUANT_LOOP(256, 210)
+        int h = j / 128, k = (j % 128) / 32, l = j % 32;
+        unsigned int lo = (b[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0fu;
+        unsigned int hi = ((b[128 + 32 * h + l] >> (2 * k)) & 3u) << 4;
+        int q = (int)(lo | hi) - 32;
+        float dl = __fmul_rn(pb_f16_at(b, 208), (float)(signed char)b[192 + j / 16]);
+        st(dst, i, __fmul_rn(dl, (float)q));
+    }
+}

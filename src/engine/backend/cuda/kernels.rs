@@ -22,6 +22,17 @@ pub const KERNELS: &[&str] = &[
     "pb_moe_route",
     "pb_gather_rows",
     "pb_scatter_add_scaled",
+    "pb_dequant_f32",
+    "pb_dequant_f16",
+    "pb_dequant_bf16",
+    "pb_dequant_q8_0",
+    "pb_dequant_q4_0",
+    "pb_dequant_q4_1",
+    "pb_dequant_q5_0",
+    "pb_dequant_q5_1",
+    "pb_dequant_q4_k",
+    "pb_dequant_q5_k",
+    "pb_dequant_q6_k",
 ];
 
 /// Threads per block of the reducing kernels; `PB_BLOCK` in [`SOURCE`].

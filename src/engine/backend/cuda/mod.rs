@@ -6,14 +6,16 @@
 //! checked with `dlopen` first, and the whole start-up also runs under `catch_unwind`).
 //!
 //! Kernels ([`kernels`]) are CUDA C compiled by NVRTC for the GPU found, once per storage type;
-//! matrix products are cuBLAS `GemmEx` with f32 accumulation (TF32 off). Weights are taken
-//! from the loaded [`Model`] (already dequantized to f32 on the host, GGUF included) and
-//! uploaded once per model in the compute dtype (f32, f16 or bf16); activations are stored in
-//! the same dtype, rounded where HF transformers rounds ([`forward`]).
+//! matrix products are cuBLAS `GemmEx` with f32 accumulation (TF32 off). Weights are uploaded
+//! once per model in the compute dtype (f32, f16 or bf16): a GGUF file's tensors as stored,
+//! dequantized on the GPU ([`dequant`], bit-exact vs the host), others from the loaded
+//! [`Model`]'s f32 copy; activations are stored in the same dtype, rounded where HF
+//! transformers rounds ([`forward`]).
 //!
 //! One sequence at a time: the device KV cache follows the host [`KvCache`]'s length, so a
 //! backend serves the prompts of a run one after another, as `engine run` does.
 
+pub mod dequant;
 pub mod forward;
 pub mod kernels;
 
@@ -27,6 +29,7 @@ use super::{Backend, BackendError};
 use crate::engine::EngineError;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::model::{ForwardIo, Model, Scratch};
+use crate::engine::weights::{RawTensor, WeightSource};
 use crate::protocol::ComputeDtype;
 use kernels::StorageType;
 
@@ -220,6 +223,13 @@ impl CudaBackend {
         &self.fingerprint
     }
 
+    /// One tensor dequantized on this GPU in every storage type vs the host ([`dequant::check_tensor`]).
+    pub fn check_dequant(&self, name: &str, raw: &RawTensor<'_>) -> Result<dequant::TensorCheck, BackendError> {
+        let mut g = self.lock();
+        g.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+        dequant::check_tensor(&mut g, name, raw)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Gpu> {
         self.gpu.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -333,8 +343,19 @@ impl Backend for CudaBackend {
     fn prepare(&self, model: &Model, dtype: ComputeDtype) -> Result<(), EngineError> {
         let mut g = self.lock();
         g.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-        forward::upload_model(&mut g, model, storage_for(dtype))?;
+        forward::upload_model(&mut g, model, None, storage_for(dtype))?;
         Ok(())
+    }
+
+    fn prepare_from(
+        &self,
+        model: &Model,
+        source: &dyn WeightSource,
+        dtype: ComputeDtype,
+    ) -> Result<Option<String>, EngineError> {
+        let mut g = self.lock();
+        g.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+        Ok(forward::upload_model(&mut g, model, Some(source), storage_for(dtype))?)
     }
 
     fn peak_gpu_bytes(&self) -> Option<u64> {

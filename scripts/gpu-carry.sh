@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The folder that travels to a GPU machine (no Rust, no network there), made here:
+#
+#   bash scripts/gpu-carry.sh DEST       # e.g. .carry/gpu in the checkout the device tool sends
+#
+# DEST gets: runner (target/release/runner, stripped: build it first with `cargo build
+# --release`), scripts/, runners/, fixtures/ (lock and suites), tok/ (the Qwen3 tokenizer that
+# runners/setup.sh fetched) and llama.cpp/ (scripts/gpu-llamacpp.sh trim, about 20 MiB).
+# On the machine: `cd DEST && bash scripts/gpu-box.sh gguf "$OUT"` (see gpu-box.sh).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dest="${1:?usage: gpu-carry.sh DEST}"
+cache="${PARITYBENCH_CACHE:-$HOME/.cache/paritybench}"
+[[ -x "$repo/target/release/runner" ]] || { echo "gpu-carry: no $repo/target/release/runner (cargo build --release)" >&2; exit 2; }
+[[ -f "$cache/tokenizer/tokenizer.json" ]] || { echo "gpu-carry: no tokenizer in $cache/tokenizer (runners/setup.sh)" >&2; exit 2; }
+rm -rf "$dest"
+mkdir -p "$dest/tok"
+cp -a "$repo/scripts" "$repo/runners" "$repo/fixtures" "$dest/"
+find "$dest" -name __pycache__ -prune -exec rm -rf {} +
+cp "$repo/target/release/runner" "$dest/runner"
+strip "$dest/runner"
+cp "$cache/tokenizer/tokenizer.json" "$cache/tokenizer/tokenizer_config.json" "$dest/tok/"
+bash "$repo/scripts/gpu-llamacpp.sh" trim "$dest/llama.cpp" > /dev/null
+du -sh "$dest"
