@@ -63,16 +63,45 @@ impl Logit for f32 {
 }
 
 impl Logit for f16 {
-    /// half's slice conversion: F16C eight at a time where the CPU has it.
+    /// F16C eight at a time where the CPU has it (exact, like every f16 → f32 conversion),
+    /// half's slice conversion elsewhere.
     #[inline(always)]
     fn widen<'a>(src: &'a [f16], buf: &'a mut [f32; BLOCK]) -> &'a [f32] {
         let out = &mut buf[..src.len()];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports F16C (and so AVX), checked just above.
+            unsafe { widen_f16c(src, out) };
+            return out;
+        }
         src.convert_to_f32_slice(out);
         out
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+}
+
+/// `out[i] = src[i]` as f32, eight at a time with `vcvtph2ps` (half's own slice conversion
+/// goes four at a time through a call per chunk: it doubled the time of the f16 kernels).
+///
+/// # Safety
+/// The CPU must support F16C and AVX; `out` must be as long as `src`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    assert_eq!(src.len(), out.len(), "widen_f16c: lengths differ");
+    let mut so = src.chunks_exact(8).zip(out.chunks_exact_mut(8));
+    for (s, o) in &mut so {
+        // SAFETY: `s` holds 8 f16 (16 bytes, one unaligned 128-bit load) and `o` 8 f32 (one
+        // unaligned 256-bit store).
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast::<__m128i>()))) };
+    }
+    let n = src.len() / 8 * 8;
+    for (s, o) in src[n..].iter().zip(&mut out[n..]) {
+        *o = s.to_f32();
     }
 }
 
