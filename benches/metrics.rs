@@ -56,7 +56,7 @@ fn make_row(r: usize, a: &mut [f32], b: &mut [f32]) {
         let h = mix((r * VOCAB + j) as u64);
         let [u0, u1, u2, u3] = uniforms(h);
         let mut v = 3.0 * (u0 + u1 + u2 - 1.5);
-        if mix(h) % 4096 == 0 {
+        if mix(h).is_multiple_of(4096) {
             v += 12.0; // a peak: the tokens a model actually predicts
         }
         *y = v;
