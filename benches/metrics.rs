@@ -56,7 +56,7 @@ fn make_row(r: usize, a: &mut [f32], b: &mut [f32]) {
         let h = mix((r * VOCAB + j) as u64);
         let [u0, u1, u2, u3] = uniforms(h);
         let mut v = 3.0 * (u0 + u1 + u2 - 1.5);
-        if mix(h) % 4096 == 0 {
+        if mix(h).is_multiple_of(4096) {
             v += 12.0; // a peak: the tokens a model actually predicts
         }
         *y = v;
@@ -173,6 +173,9 @@ fn bench_kernels(c: &mut Criterion, dtype: &str, a: &TensorView<'_>, b: &TensorV
             })
         })
     });
+    g.bench_function("scan (diff + both top-k, one pass)", |bn| {
+        bn.iter(|| per_row!(a, b, |_i, x, y| logits::row_scan(x, y)))
+    });
     // the maxima KLD needs come from the diff pass in `compare`; here they are given
     let maxima = per_row!(a, b, |_i, x, y| {
         let d = logits::row_diff(x, y);
@@ -187,6 +190,16 @@ fn bench_kernels(c: &mut Criterion, dtype: &str, a: &TensorView<'_>, b: &TensorV
                 .map(|r| logits::topk_agreement(&RankedIds::from_topk(&r.top_a), &RankedIds::from_topk(&r.top_b), 1e-3))
                 .collect();
             (rows, agree)
+        })
+    });
+    g.bench_function("full, separate passes (diff, KLD, top-k, top-k)", |bn| {
+        bn.iter(|| {
+            per_row!(a, b, |_i, x, y| {
+                let d = logits::row_diff(x, y);
+                let kld = logits::row_kld(x, y, d.max_a, d.max_b);
+                let (ta, tb) = (logits::top_k(x), logits::top_k(y));
+                (d, kld, logits::topk_agreement(&RankedIds::from_topk(&ta), &RankedIds::from_topk(&tb), 1e-3))
+            })
         })
     });
     if a.dtype != Dtype::F32 {

@@ -18,6 +18,11 @@ const V: usize = 64; // vocabulary
 const H: usize = 16; // hidden size
 const LAYERS: u32 = 4;
 const WRONG_LAYER: u32 = 2;
+/// The toy engine's timings of every prompt: three timed repeats.
+const PREFILL_MS: [f64; 3] = [2.0, 4.0, 2.5];
+const DECODE_MS: [f64; 3] = [3.0, 6.0, 2.0];
+const TTFT_MS: [f64; 3] = [2.5, 4.5, 3.0];
+const DECODE_TOKENS: u32 = 3;
 
 /// What the engine at a commit does.
 #[derive(Clone, Copy)]
@@ -117,11 +122,11 @@ fn write_dump(dir: &Path, behaviour: Behaviour) {
             logits: Some(Tensor::f32(vec![n, V], logits)),
             generated: vec![1, 2, 3],
             timings: Timings {
-                prefill_ms: vec![2.0],
-                decode_ms: vec![3.0],
+                prefill_ms: PREFILL_MS.to_vec(),
+                decode_ms: DECODE_MS.to_vec(),
                 prefill_tokens: n as u32,
-                decode_tokens: 3,
-                ttft_ms: vec![],
+                decode_tokens: DECODE_TOKENS,
+                ttft_ms: TTFT_MS.to_vec(),
             },
             ..Default::default()
         };
@@ -347,7 +352,7 @@ fn the_same_commit_twice_stores_bit_identical_parity_numbers() {
     assert_eq!(r.len(), 2);
     let (a, b) = (&r[0], &r[1]);
     assert!(!a.measurements.is_empty() && !a.layers.is_empty());
-    let parity = |m: &paritybench::once::record::Measurement| !m.metric.ends_with("tok_s");
+    let parity = |m: &paritybench::once::record::Measurement| !paritybench::once::is_timing_metric(&m.metric);
     let bits = |x: &RunDetails| -> Vec<(String, u64)> {
         x.measurements
             .iter()
@@ -365,6 +370,60 @@ fn the_same_commit_twice_stores_bit_identical_parity_numbers() {
             .collect()
     };
     assert_eq!(bits(a), bits(b));
+}
+
+#[test]
+fn timings_are_stored_per_prompt_and_pooled() {
+    let w = world();
+    let (code, stdout, stderr) = w.once("correct", &[]);
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let r = w.records();
+    let m = &r[0].measurements;
+    let get = |reference: &str, prompt: Option<&str>, metric: &str, stat: &str| -> Vec<f64> {
+        m.iter()
+            .filter(|x| {
+                x.reference == reference && x.prompt.as_deref() == prompt && x.metric == metric && x.statistic == stat
+            })
+            .map(|x| x.value)
+            .collect()
+    };
+    // per prompt: tokens over the median / slowest / fastest repeat; time to first token in ms
+    let sorted = |ms: [f64; 3]| {
+        let mut v = ms;
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (pre, dec, ttft) = (sorted(PREFILL_MS), sorted(DECODE_MS), sorted(TTFT_MS));
+    let rate = |tokens: usize, ms: f64| tokens as f64 / (ms / 1000.0);
+    let tokens = |id: &str| prompts().iter().find(|p| p.id == id).unwrap().token_ids.len();
+    for reference in ["hf-fp32-eager", "hf-fp32-sdpa", "hf-fp32-eager/incremental"] {
+        for id in ["alpha", "beta"] {
+            let p = Some(id);
+            let n = tokens(id);
+            assert_eq!(get(reference, p, "prefill_tok_s", "median"), [rate(n, pre[1])], "{reference} {id}");
+            assert_eq!(get(reference, p, "prefill_tok_s", "min"), [rate(n, pre[2])]);
+            assert_eq!(get(reference, p, "prefill_tok_s", "max"), [rate(n, pre[0])]);
+            assert_eq!(get(reference, p, "decode_tok_s", "median"), [rate(DECODE_TOKENS as usize, dec[1])]);
+            assert_eq!(get(reference, p, "decode_tok_s", "min"), [rate(DECODE_TOKENS as usize, dec[2])]);
+            assert_eq!(get(reference, p, "decode_tok_s", "max"), [rate(DECODE_TOKENS as usize, dec[0])]);
+            assert_eq!(get(reference, p, "ttft_ms", "median"), [ttft[1]]);
+            assert_eq!(get(reference, p, "ttft_ms", "min"), [ttft[0]]);
+            assert_eq!(get(reference, p, "ttft_ms", "max"), [ttft[2]]);
+        }
+        // pooled (what the trend charts and their tok/s band read): the lower median of the
+        // prompts' medians, the slowest and the fastest repeat of any prompt
+        let (a, b) = (tokens("alpha"), tokens("beta"));
+        assert!(a < b);
+        assert_eq!(get(reference, None, "prefill_tok_s", "median"), [rate(a, pre[1])]);
+        assert_eq!(get(reference, None, "prefill_tok_s", "min"), [rate(a, pre[2])]);
+        assert_eq!(get(reference, None, "prefill_tok_s", "max"), [rate(b, pre[0])]);
+        assert_eq!(get(reference, None, "decode_tok_s", "median"), [rate(DECODE_TOKENS as usize, dec[1])]);
+        assert_eq!(get(reference, None, "decode_tok_s", "min"), [rate(DECODE_TOKENS as usize, dec[2])]);
+        assert_eq!(get(reference, None, "decode_tok_s", "max"), [rate(DECODE_TOKENS as usize, dec[0])]);
+        assert_eq!(get(reference, None, "ttft_ms", "median"), [ttft[1]]);
+        assert_eq!(get(reference, None, "ttft_ms", "min"), [ttft[0]]);
+        assert_eq!(get(reference, None, "ttft_ms", "max"), [ttft[2]]);
+    }
 }
 
 #[test]

@@ -90,7 +90,7 @@ fn parity_bits(r: &RunDetails) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = r
         .measurements
         .iter()
-        .filter(|m| !m.metric.ends_with("tok_s"))
+        .filter(|m| !paritybench::once::is_timing_metric(&m.metric))
         .map(|m| {
             let key = format!("{}/{}/{:?}/{}/{}", m.model, m.reference, m.prompt, m.metric, m.statistic);
             (key, m.value.to_bits())
@@ -99,7 +99,7 @@ fn parity_bits(r: &RunDetails) -> Vec<(String, u64)> {
             let key = format!("{}/{}/{}/{}", l.model, l.reference, l.capture, l.layer);
             [(format!("{key}/rel_l2"), l.rel_l2.to_bits()), (format!("{key}/cosine"), l.cosine.to_bits())]
         }))
-        .chain(r.verdicts.iter().filter(|v| !v.metric.ends_with("tok_s")).map(|v| {
+        .chain(r.verdicts.iter().filter(|v| !paritybench::once::is_timing_metric(&v.metric)).map(|v| {
             let key = format!("{}/{}/{}/{}/{:?}", v.contract.id, v.gate_id, v.model, v.reference, v.mode);
             (key, v.observed.map_or(u64::MAX, f64::to_bits))
         }))

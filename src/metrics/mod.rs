@@ -8,10 +8,12 @@
 //! a bit-identical [`Report`] whatever the number of threads.
 //!
 //! - [`logits`] — per-position kernels (rel-L2, cosine, NMSE, max |Δ|, KLD, top-k)
+//! - [`exp`] — the f64 exponentials of the KLD kernel (table-driven, scalar and AVX-512)
 //! - [`layers`] — capture tensors, noise floors, the first divergent layer
 //! - [`stats`] — reductions (nearest-rank percentiles, Wilson bound)
 //! - [`report`] — the report, its metric samples and its text form
 
+pub mod exp;
 pub mod layers;
 pub mod logits;
 pub mod report;

@@ -525,7 +525,8 @@ fn record_report(
     for p in &report.prompts {
         let s = &p.summary;
         let id = Some(p.id.as_str());
-        let (pre, dec) = perf.get(&p.id).copied().unwrap_or((None, None));
+        let pp = perf.get(&p.id).copied().unwrap_or_default();
+        let (pre, dec) = (pp.prefill_tok_s.map(|s| s.median), pp.decode_tok_s.map(|s| s.median));
         if let Some(v) = s.cosine_min {
             state.measurements.push(m(id, "logits.cosine", "min", v));
         }
@@ -539,6 +540,11 @@ fn record_report(
             state.measurements.push(m(id, "top1", "mean", t.rate));
         }
         state.measurements.push(m(id, "nonfinite", "value", s.nonfinite as f64));
+        for (metric, t) in pp.metrics() {
+            for (stat, v) in [("median", t.median), ("min", t.min), ("max", t.max)] {
+                state.measurements.push(m(id, metric, stat, v));
+            }
+        }
         state.rows.push(Row {
             model: label.clone(),
             mode: mode.clone(),
@@ -579,6 +585,20 @@ fn record_report(
             state.measurements.push(m(None, metric, stat, v));
         }
     }
+    // timings pooled over the compared prompts: the series' tok/s trend and its band
+    let compared: Vec<PromptPerf> = report.prompts.iter().filter_map(|p| perf.get(&p.id).copied()).collect();
+    let pooled = [
+        ("prefill_tok_s", Spread::pool(compared.iter().filter_map(|p| p.prefill_tok_s))),
+        ("decode_tok_s", Spread::pool(compared.iter().filter_map(|p| p.decode_tok_s))),
+        ("ttft_ms", Spread::pool(compared.iter().filter_map(|p| p.ttft_ms))),
+    ];
+    for (metric, t) in pooled {
+        if let Some(t) = t {
+            for (stat, v) in [("median", t.median), ("min", t.min), ("max", t.max)] {
+                state.measurements.push(m(None, metric, stat, v));
+            }
+        }
+    }
     for l in &report.overall.layers {
         if let metrics::report::LayerSummaryValues::Float { rel_l2, cosine, .. } = l.values {
             state.layers.push(LayerParity {
@@ -600,16 +620,12 @@ fn record_report(
     for (k, v) in structural_samples(dump, report) {
         samples.entry(k).or_insert(v);
     }
-    let mut pre = Vec::new();
-    let mut dec = Vec::new();
-    for p in &report.prompts {
-        if let Some((a, b)) = perf.get(&p.id) {
-            pre.extend(*a);
-            dec.extend(*b);
-        }
-    }
-    samples.insert("prefill_tok_s".into(), pre);
-    samples.insert("decode_tok_s".into(), dec);
+    // a contract's timing gates see one sample per compared prompt: its median
+    let median =
+        |f: fn(&PromptPerf) -> Option<Spread>| compared.iter().filter_map(|p| f(p).map(|s| s.median)).collect();
+    samples.insert("prefill_tok_s".into(), median(|p| p.prefill_tok_s));
+    samples.insert("decode_tok_s".into(), median(|p| p.decode_tok_s));
+    samples.insert("ttft_ms".into(), median(|p| p.ttft_ms));
     let subject = Subject {
         engine: engine.name.clone(),
         model: label,
@@ -637,27 +653,88 @@ fn contract_floors(floor: Option<&refs::NamedFloors>) -> BTreeMap<String, f64> {
     out
 }
 
-/// Prompt id -> (prefill tok/s, decode tok/s), medians over the timed repeats.
-fn perf_samples(dump: &Dump) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
-    let rate = |tokens: u32, ms: &[f64]| {
-        let mut v: Vec<f64> = ms.iter().copied().filter(|x| *x > 0.0).collect();
-        if tokens == 0 || v.is_empty() {
-            return None;
-        }
+/// The timing metrics `runner once` stores from the manifests' timings, each as `median`,
+/// `min` and `max` over the timed repeats (per prompt, and pooled over prompts). They are
+/// not parity numbers: they change from run to run.
+pub const TIMING_METRICS: [&str; 3] = ["prefill_tok_s", "decode_tok_s", "ttft_ms"];
+
+/// Whether `metric` is one of [`TIMING_METRICS`].
+pub fn is_timing_metric(metric: &str) -> bool {
+    TIMING_METRICS.contains(&metric)
+}
+
+/// A timing over the timed repeats of one prompt, or pooled over prompts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    /// Pooled over prompts: the nearest-rank median of the prompts' medians, the smallest
+    /// minimum and the largest maximum (so min..max spans every timed repeat).
+    fn pool(of: impl Iterator<Item = Spread>) -> Option<Spread> {
+        let all: Vec<Spread> = of.collect();
+        let mut medians: Vec<f64> = all.iter().map(|s| s.median).collect();
+        medians.sort_by(f64::total_cmp);
+        Some(Spread {
+            median: metrics::stats::percentile_sorted(&medians, 50.0)?,
+            min: all.iter().map(|s| s.min).fold(f64::INFINITY, f64::min),
+            max: all.iter().map(|s| s.max).fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
+/// One prompt's timings: prefill and decode tok/s, time to first token (ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct PromptPerf {
+    prefill_tok_s: Option<Spread>,
+    decode_tok_s: Option<Spread>,
+    ttft_ms: Option<Spread>,
+}
+
+impl PromptPerf {
+    /// `(metric, spread)` for each of [`TIMING_METRICS`] that was measured.
+    fn metrics(&self) -> impl Iterator<Item = (&'static str, Spread)> {
+        let all = [self.prefill_tok_s, self.decode_tok_s, self.ttft_ms];
+        TIMING_METRICS.into_iter().zip(all).filter_map(|(m, s)| s.map(|s| (m, s)))
+    }
+}
+
+/// Prompt id -> its timings over the timed repeats. A rate's median is `tokens` over the
+/// median time (the upper middle time for an even count), its min and max come from the
+/// slowest and fastest repeat; times that are not positive are left out.
+fn perf_samples(dump: &Dump) -> BTreeMap<String, PromptPerf> {
+    let sorted = |ms: &[f64]| {
+        let mut v: Vec<f64> = ms.iter().copied().filter(|x| *x > 0.0 && x.is_finite()).collect();
         v.sort_by(f64::total_cmp);
-        Some(f64::from(tokens) / (v[v.len() / 2] / 1000.0))
+        v
+    };
+    let rate = |tokens: u32, ms: &[f64]| {
+        let v = sorted(ms);
+        let per_s = |ms: f64| f64::from(tokens) / (ms / 1000.0);
+        (tokens > 0 && !v.is_empty()).then(|| Spread {
+            median: per_s(v[v.len() / 2]),
+            min: per_s(v[v.len() - 1]),
+            max: per_s(v[0]),
+        })
+    };
+    let time = |ms: &[f64]| {
+        let v = sorted(ms);
+        (!v.is_empty()).then(|| Spread { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] })
     };
     dump.manifest
         .prompts
         .iter()
         .map(|p| {
-            (
-                p.id.clone(),
-                (
-                    rate(p.timings.prefill_tokens, &p.timings.prefill_ms),
-                    rate(p.timings.decode_tokens, &p.timings.decode_ms),
-                ),
-            )
+            let t = &p.timings;
+            let perf = PromptPerf {
+                prefill_tok_s: rate(t.prefill_tokens, &t.prefill_ms),
+                decode_tok_s: rate(t.decode_tokens, &t.decode_ms),
+                ttft_ms: time(&t.ttft_ms),
+            };
+            (p.id.clone(), perf)
         })
         .collect()
 }
@@ -681,4 +758,21 @@ pub fn device_key(device: &str) -> String {
         })
         .unwrap_or_else(|| "unknown cpu".into());
     format!("{}|{cpu}", if device.starts_with("cuda") { "cuda" } else { "cpu" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooled_timings_span_every_repeat() {
+        let s = |median, min, max| Spread { median, min, max };
+        let pooled = Spread::pool(
+            [s(20.0, 10.0, 30.0), s(40.0, 35.0, 90.0), s(25.0, 5.0, 26.0), s(30.0, 29.0, 31.0)].into_iter(),
+        );
+        // the lower middle of the four medians (nearest rank), every repeat inside min..max
+        assert_eq!(pooled, Some(s(25.0, 5.0, 90.0)));
+        assert_eq!(Spread::pool(std::iter::empty()), None);
+        assert!(is_timing_metric("decode_tok_s") && is_timing_metric("ttft_ms") && !is_timing_metric("kld"));
+    }
 }
