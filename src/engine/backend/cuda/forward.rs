@@ -152,7 +152,7 @@ fn upload(g: &mut Gpu, ty: StorageType, v: &[f32]) -> Result<DevBuf, BackendErro
 
 fn upload_linear(g: &mut Gpu, ty: StorageType, l: &Linear) -> Result<DevLinear, BackendError> {
     Ok(DevLinear {
-        w: upload(g, ty, &l.weight)?,
+        w: upload(g, ty, &l.weight.to_f32())?,
         b: match &l.bias {
             Some(b) => Some(upload(g, ty, b)?),
             None => None,
@@ -179,9 +179,9 @@ pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), B
             message: format!("{} experts; the routing kernel takes at most {}", m.n_experts, kernels::MAX_EXPERTS),
         });
     }
-    let embed = upload(g, ty, &model.embed_tokens)?;
+    let embed = upload(g, ty, &model.embed_tokens.to_f32())?;
     let lm_head = match &model.lm_head {
-        Some(w) => Some(upload(g, ty, w)?),
+        Some(w) => Some(upload(g, ty, &w.to_f32())?),
         None => None,
     };
     let norm = upload(g, ty, &model.norm)?;
@@ -197,9 +197,9 @@ pub fn upload_model(g: &mut Gpu, model: &Model, ty: StorageType) -> Result<(), B
             },
             FeedForward::Sparse(m) => DevFfn::Sparse(DevMoe {
                 router: upload_linear(g, ty, &m.gate)?,
-                gate: upload(g, ty, &m.experts_gate_proj)?,
-                up: upload(g, ty, &m.experts_up_proj)?,
-                down: upload(g, ty, &m.experts_down_proj)?,
+                gate: upload(g, ty, &m.experts_gate_proj.to_f32())?,
+                up: upload(g, ty, &m.experts_up_proj.to_f32())?,
+                down: upload(g, ty, &m.experts_down_proj.to_f32())?,
                 n_experts: m.n_experts,
                 top_k: m.top_k,
                 inter: m.intermediate_size,

@@ -7,7 +7,7 @@
 //!
 //! Kernels ([`kernels`]) are CUDA C compiled by NVRTC for the GPU found, once per storage type;
 //! matrix products are cuBLAS `GemmEx` with f32 accumulation (TF32 off). Weights are taken
-//! from the loaded [`Model`] (already dequantized to f32 on the host, GGUF included) and
+//! from the loaded [`Model`] (GGUF matrices dequantized to f32 on the host at upload) and
 //! uploaded once per model in the compute dtype (f32, f16 or bf16); activations are stored in
 //! the same dtype, rounded where HF transformers rounds ([`forward`]).
 //!
