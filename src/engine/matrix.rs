@@ -160,8 +160,17 @@ impl MatRef<'_> {
         match self.data {
             RowData::F32(v) => out.copy_from_slice(&v[r.start * k..r.end * k]),
             RowData::Blocks { ty, bytes, row_bytes } => {
+                let bytes = &bytes[r.start * row_bytes..r.end * row_bytes];
+                // F16: F16C's widening where the CPU has it (exact; it differs from
+                // `dequantize` only by quieting a signalling NaN).
+                if ty == GgmlType::F16
+                    && let Ok(h) = bytemuck::try_cast_slice::<u8, half::f16>(bytes)
+                {
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out);
+                    return;
+                }
                 // The loader checked the type and the byte count of every mapped tensor.
-                let ok = quants::dequantize_seq(ty, &bytes[r.start * row_bytes..r.end * row_bytes], out);
+                let ok = quants::dequantize_seq(ty, bytes, out);
                 debug_assert!(ok.is_ok());
             }
         }

@@ -38,6 +38,14 @@
 //! fusing. The order is fixed, so the result does not depend on the thread count, and the
 //! SIMD builds of this module (the same code compiled for AVX2 or AVX-512 VNNI, selected at
 //! run time) give the bits of the portable build: only the exact integer part vectorises.
+//!
+//! Outside these products the engine still computes as HF does, not as llama.cpp: llama.cpp
+//! (without flash attention) stores K and V in f16 and rounds Q and the softmax
+//! probabilities to f16 for its two attention products (`vec_dot_type` of F16 is F16), and
+//! its RMSNorm sums squares in double and scales by `1 / sqrtf`. Those differences are about
+//! 1e-3 relative; an 8-bit activation quantizer turns them into whole-step flips of a few
+//! quants, so end-to-end agreement with llama.cpp is only as close as the model's
+//! sensitivity allows (measured per file by `tests/engine_gguf.rs`).
 
 use half::f16;
 
@@ -348,19 +356,54 @@ unsafe fn dot_rows_avx2(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_
     dot_rows_body(ty, w, row_bytes, a, out)
 }
 
-/// One type dispatch for a run of rows; the caller checked that `a` fits `ty`.
+/// One type dispatch for a run of rows; the caller checked that `a` fits `ty`. Plain index
+/// loops (no iterator adaptors such as `for_each`, whose out-of-line bodies would be
+/// compiled without the caller's target features).
 #[inline(always)]
 fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out: &mut [f32]) {
-    let rows = w.chunks_exact(row_bytes).zip(out.iter_mut());
+    let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    let n = out.len();
     match (ty, a) {
-        (GgmlType::Q8_0, QuantRow::Q8_0(y)) => rows.for_each(|(w, o)| *o = dot_q8_0(w, y)),
-        (GgmlType::Q4_0, QuantRow::Q8_0(y)) => rows.for_each(|(w, o)| *o = dot_q4_0(w, y)),
-        (GgmlType::Q5_0, QuantRow::Q8_0(y)) => rows.for_each(|(w, o)| *o = dot_q5_0(w, y)),
-        (GgmlType::Q4_1, QuantRow::Q8_1(y)) => rows.for_each(|(w, o)| *o = dot_q4_1(w, y)),
-        (GgmlType::Q5_1, QuantRow::Q8_1(y)) => rows.for_each(|(w, o)| *o = dot_q5_1(w, y)),
-        (GgmlType::Q4K, QuantRow::Q8K(y)) => rows.for_each(|(w, o)| *o = dot_q4_k(w, y)),
-        (GgmlType::Q5K, QuantRow::Q8K(y)) => rows.for_each(|(w, o)| *o = dot_q5_k(w, y)),
-        (GgmlType::Q6K, QuantRow::Q8K(y)) => rows.for_each(|(w, o)| *o = dot_q6_k(w, y)),
+        (GgmlType::Q8_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q8_0(row(r), y);
+            }
+        }
+        (GgmlType::Q4_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_0(row(r), y);
+            }
+        }
+        (GgmlType::Q5_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_0(row(r), y);
+            }
+        }
+        (GgmlType::Q4_1, QuantRow::Q8_1(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_1(row(r), y);
+            }
+        }
+        (GgmlType::Q5_1, QuantRow::Q8_1(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_1(row(r), y);
+            }
+        }
+        (GgmlType::Q4K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_k(row(r), y);
+            }
+        }
+        (GgmlType::Q5K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_k(row(r), y);
+            }
+        }
+        (GgmlType::Q6K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q6_k(row(r), y);
+            }
+        }
         _ => {}
     }
 }
