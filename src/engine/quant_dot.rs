@@ -323,6 +323,11 @@ pub fn dot_rows(
     let simd = simd.min(SimdLevel::detect());
     #[cfg(target_arch = "x86_64")]
     {
+        if let (GgmlType::Q8_0, QuantRow::Q8_0(y), true) = (ty, a, simd >= SimdLevel::Avx2) {
+            // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
+            unsafe { dot_rows_q8_0_avx2(w, row_bytes, y, out) };
+            return Ok(());
+        }
         match simd {
             // SAFETY: `simd` is at most what `SimdLevel::detect` found on this CPU.
             SimdLevel::Avx512Vnni => return Ok(unsafe { dot_rows_avx512(ty, w, row_bytes, a, out) }),
@@ -405,6 +410,40 @@ fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out:
             }
         }
         _ => {}
+    }
+}
+
+/// [`dot_q8_0`] over rows with the block's integer sum in AVX2 (`|x|·sign(y, x)` through
+/// `maddubs`, which cannot saturate: |x| ≤ 128, |y| ≤ 127), the same exact `i32` and the same
+/// float steps, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_q8_0_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8_0], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = (row_bytes / 34).min(y.len());
+    for r in 0..out.len() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut sumf = 0.0f32;
+        for i in 0..nb {
+            let b = &row[34 * i..34 * i + 34];
+            let yb = &y[i];
+            // SAFETY: `b[2..34]` and `yb.qs` hold 32 bytes each; unaligned loads.
+            let isum = unsafe {
+                let vx = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+                let vy = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(vx, vx), _mm256_sign_epi8(vy, vx));
+                let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(p32), _mm256_extracti128_si256(p32, 1));
+                let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+                let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+                _mm_cvtsi128_si32(s1)
+            };
+            sumf += isum as f32 * (f16_at(b, 0) * yb.d);
+        }
+        out[r] = sumf;
     }
 }
 
