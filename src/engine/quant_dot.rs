@@ -329,10 +329,16 @@ pub fn dot_rows(
             return Ok(());
         }
         match simd {
-            // SAFETY: `simd` is at most what `SimdLevel::detect` found on this CPU.
-            SimdLevel::Avx512Vnni => return Ok(unsafe { dot_rows_avx512(ty, w, row_bytes, a, out) }),
-            // SAFETY: as above.
-            SimdLevel::Avx2 => return Ok(unsafe { dot_rows_avx2(ty, w, row_bytes, a, out) }),
+            SimdLevel::Avx512Vnni => {
+                // SAFETY: `simd` is at most what `SimdLevel::detect` found on this CPU.
+                unsafe { dot_rows_avx512(ty, w, row_bytes, a, out) };
+                return Ok(());
+            }
+            SimdLevel::Avx2 => {
+                // SAFETY: as above.
+                unsafe { dot_rows_avx2(ty, w, row_bytes, a, out) };
+                return Ok(());
+            }
             SimdLevel::Portable => {}
         }
     }
@@ -365,6 +371,7 @@ unsafe fn dot_rows_avx2(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_
 /// loops (no iterator adaptors such as `for_each`, whose out-of-line bodies would be
 /// compiled without the caller's target features).
 #[inline(always)]
+#[expect(clippy::needless_range_loop, reason = "index loops keep the row loop inside the target-feature builds")]
 fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out: &mut [f32]) {
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     let n = out.len();
