@@ -10,9 +10,9 @@ For every file, in the same run and with the same thread count:
   decode tok/s (`decode_tokens / decode_ms`) per repeat.
 - the roofline: the weight bytes a decoded token reads (every tensor once, the token
   embedding not at all unless it is tied to the output, MoE expert tensors times
-  used/total experts), llama.cpp reading the file's own types and the engine f32 (it
-  dequantizes at load), divided by the memory bandwidth measured here (a numpy copy of
-  1 GiB, counting bytes read plus bytes written).
+  used/total experts) in the file's own types, which both engines read (the built-in engine
+  keeps GGUF weights mapped in their types), divided by the memory bandwidth measured here
+  (a numpy copy of 1 GiB, counting bytes read plus bytes written).
 
 Prints a Markdown table (median, with min-max over the repeats) and writes JSON with --json.
 
@@ -119,7 +119,8 @@ def engine_bench(runner, path, pp, tg, threads, repeats, work):
     t = p["timings"]
     pre = [t["prefill_tokens"] / (ms / 1e3) for ms in t["prefill_ms"]]
     dec = [t["decode_tokens"] / (ms / 1e3) for ms in t["decode_ms"]]
-    return {"prefill": pre, "decode": dec, "load_ms": t.get("load_ms")}, " ".join(cmd)
+    quant_dot = m.get("extra", {}).get("quant_dot")
+    return {"prefill": pre, "decode": dec, "load_ms": t.get("load_ms"), "quant_dot": quant_dot}, " ".join(cmd)
 
 
 def fmt(xs):
@@ -161,7 +162,7 @@ def main():
                     "bytes_per_token_stored": stored,
                     "bytes_per_token_f32": f32,
                     "roofline_llamacpp": bw / stored,
-                    "roofline_engine": bw / f32,
+                    "roofline_engine": bw / stored,
                     "llamacpp": lb,
                     "engine": eb,
                     "llamacpp_command": lcmd,
@@ -172,20 +173,20 @@ def main():
                 print(
                     f"{f.name} t={threads}: pp llama.cpp {fmt(lb['prefill'])} engine {fmt(eb['prefill'])} | "
                     f"tg llama.cpp {fmt(lb['decode'])} engine {fmt(eb['decode'])} | "
-                    f"roofline llama.cpp {bw / stored:.0f} engine {bw / f32:.0f} | load {row['load_average']:.1f}",
+                    f"roofline {bw / stored:.0f} | load {row['load_average']:.1f}",
                     flush=True,
                 )
     print()
     print(f"| file | threads | params | pp{args.pp} llama.cpp | pp{args.pp} engine | tg{args.tg} llama.cpp | tg{args.tg} engine "
-          "| engine/llama.cpp (pp, tg) | roofline tg llama.cpp | roofline tg engine (f32) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| engine/llama.cpp (pp, tg) | roofline tg (both) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
         rp = med(r["engine"]["prefill"]) / med(r["llamacpp"]["prefill"])
         rt = med(r["engine"]["decode"]) / med(r["llamacpp"]["decode"])
         print(f"| {r['file']} | {r['threads']} | {r['params'] / 1e6:.0f} M | {fmt(r['llamacpp']['prefill'])} | {fmt(r['engine']['prefill'])} "
               f"| {fmt(r['llamacpp']['decode'])} | {fmt(r['engine']['decode'])} | {rp:.2f}, {rt:.2f} "
-              f"| {r['roofline_llamacpp']:.0f} | {r['roofline_engine']:.0f} |")
+              f"| {r['roofline_llamacpp']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bw, "threads": args.threads, "load_average_end": os.getloadavg(), "pp": args.pp,
                                                "tg": args.tg, "rows": rows}, indent=1))

@@ -144,7 +144,10 @@ pub fn describe() -> serde_json::Value {
             "decode": true,
             "logits": "full",
             "tokenizer": true,
-            "options": { "threads": "CPU worker threads (default: RAYON_NUM_THREADS or one per core)" },
+            "options": {
+                "threads": "CPU worker threads (default: RAYON_NUM_THREADS or one per core)",
+                "quant_dot": "quantized GGUF weights on the CPU: \"ggml\" (default: 8-bit activations and integer dot products, as llama.cpp) or \"f32\" (dequantized weights, f32 arithmetic)",
+            },
         },
     })
 }

@@ -152,8 +152,9 @@ const ROW_BLOCK: usize = 16;
 /// The output of [`matmul_t`] shared by the tasks that fill disjoint parts of it.
 struct SharedOut(*mut f32);
 
-// SAFETY: `matmul_t` hands each task a disjoint set of output elements (its block of
-// columns), so no element is written by two threads and none is read during the call.
+// SAFETY: `matmul_t` and `matmul_t_rows` hand each task a disjoint set of output elements
+// (its block of columns), so no element is written by two threads and none is read during
+// the call.
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
@@ -176,25 +177,60 @@ pub fn matmul_t(out: &mut [f32], x: &[f32], w: &[f32], t: usize, k: usize, n: us
     let fma = has_fma();
     (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|blk| {
         let rows = blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(n);
-        let job = Block { out: &shared, x, w, t, k, n, rows };
-        #[cfg(target_arch = "x86_64")]
-        {
-            if fma {
-                // SAFETY: `fma` says the CPU supports AVX2 and FMA.
-                unsafe { block_fma(&job) };
-                return;
-            }
-        }
-        let _ = fma;
-        block_body(&job);
+        run_block(&Block { out: &shared, x, w, w_row0: 0, t, k, n, rows }, fma);
     });
+}
+
+/// [`matmul_t`] where the rows of `W` (`[n, k]`) are produced on demand: each task asks
+/// `rows_f32(rows, buf)` for its block of rows as f32 (`buf`: `[rows.len(), k]`; widened
+/// from f16, dequantized, ...) and multiplies them exactly as [`matmul_t`] does, so the
+/// result is bit-identical to [`matmul_t`] over the whole f32 matrix.
+pub fn matmul_t_rows(
+    out: &mut [f32],
+    x: &[f32],
+    t: usize,
+    k: usize,
+    n: usize,
+    rows_f32: &(dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync),
+) {
+    assert!(
+        x.len() == t * k && out.len() == t * n,
+        "matmul_t_rows: x {} out {} for t={t} k={k} n={n}",
+        x.len(),
+        out.len()
+    );
+    let shared = SharedOut(out.as_mut_ptr());
+    let fma = has_fma();
+    (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, blk| {
+        let rows = blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(n);
+        buf.resize(rows.len() * k, 0.0);
+        rows_f32(rows.clone(), buf);
+        run_block(&Block { out: &shared, x, w: &buf[..], w_row0: rows.start, t, k, n, rows }, fma);
+    });
+}
+
+/// One task, with the FMA kernels where the CPU has them.
+#[inline(always)]
+fn run_block(job: &Block, fma: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fma {
+            // SAFETY: `fma` says the CPU supports AVX2 and FMA.
+            unsafe { block_fma(job) };
+            return;
+        }
+    }
+    let _ = fma;
+    block_body(job);
 }
 
 /// One task of [`matmul_t`]: the columns `rows` of every output row.
 struct Block<'a> {
     out: &'a SharedOut,
     x: &'a [f32],
+    /// Weight rows `w_row0..`, `k` values each.
     w: &'a [f32],
+    w_row0: usize,
     t: usize,
     k: usize,
     n: usize,
@@ -224,10 +260,10 @@ fn block_body(b: &Block) {
 #[inline(always)]
 fn block_with(b: &Block, dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4], dot1: impl Fn(&[f32], &[f32]) -> f32) {
     let k = b.k;
-    let wrow = |r: usize| &b.w[r * k..(r + 1) * k];
+    let wrow = |r: usize| &b.w[(r - b.w_row0) * k..(r - b.w_row0 + 1) * k];
     let put = |ti: usize, r: usize, v: f32| {
         debug_assert!(ti < b.t && r < b.n);
-        // SAFETY: `ti * n + r < t * n = out.len()` (asserted in `matmul_t`), and column
+        // SAFETY: `ti * n + r < t * n = out.len()` (asserted in `matmul_t` and `matmul_t_rows`), and column
         // `r` belongs to this task's block only (see `SharedOut`).
         unsafe { *b.out.0.add(ti * b.n + r) = v };
     };

@@ -5,6 +5,8 @@
 //! - [`weights`]: the [`weights::WeightSource`] seam; [`safetensors`] and [`gguf`] implement it
 //! - [`model`]: weights by role, per-format name tables, the forward pass
 //! - [`kernels`]: matmul, RMSNorm, RoPE, attention, softmax, SiLU, top-k
+//! - [`matrix`]: weight matrices in their stored type (GGUF blocks stay mapped) and `x · Wᵀ`
+//! - [`quant_dot`]: ggml-compatible activation quantizers and quantized dot products
 //! - [`kv_cache`], [`captures`]: state a prompt carries through its forward calls
 //! - [`backend`]: where the forward pass runs (chosen at run time)
 //! - [`tokenizer`]: tokenizer.json, for tokenizer parity
@@ -17,9 +19,11 @@ pub mod config;
 pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;
+pub mod matrix;
 pub mod model;
 #[cfg(feature = "mutation-testing")]
 pub mod mutation;
+pub mod quant_dot;
 pub mod run;
 pub mod safetensors;
 pub mod tokenizer;

@@ -8,7 +8,8 @@
 //! one a router and experts — so a missing tensor is an error that names the tensor, the
 //! file, the architecture and what kind of layer wanted it. Shapes are checked once here.
 //!
-//! Field names follow the HF checkpoint's tensor names. All weights are f32 in memory.
+//! Field names follow the HF checkpoint's tensor names. Matrices ([`Matrix`]) keep the type
+//! the file stores (GGUF blocks stay memory-mapped); vectors (norms, biases) are f32.
 
 use crate::protocol::CapturePoint;
 
@@ -17,6 +18,7 @@ use super::captures::{CapturePlan, CaptureSink};
 use super::config::{Architecture, ModelConfig};
 use super::kernels::{self, AttnShape};
 use super::kv_cache::KvCache;
+use super::matrix::{self, Matrix, QuantDot};
 use super::weights::{WeightError, WeightSource};
 
 /// What a tensor is for, independent of how a file format names it.
@@ -152,7 +154,7 @@ fn gguf_name(role: Role, i: usize) -> String {
 /// A linear layer, `y = x Wᵀ (+ b)`.
 pub struct Linear {
     /// `[out, in]`
-    pub weight: Vec<f32>,
+    pub weight: Matrix,
     /// `[out]`
     pub bias: Option<Vec<f32>>,
     pub out_features: usize,
@@ -161,8 +163,8 @@ pub struct Linear {
 
 impl Linear {
     /// `out = x Wᵀ + b`. `x`: `[t, in]`, `out`: `[t, out]`.
-    fn forward(&self, out: &mut [f32], x: &[f32], t: usize) {
-        kernels::matmul_t(out, x, &self.weight, t, self.in_features, self.out_features);
+    fn forward(&self, out: &mut [f32], x: &[f32], t: usize, qd: QuantDot) {
+        matrix::matmul(out, x, self.weight.view(), t, qd);
         if let Some(b) = &self.bias {
             kernels::add_bias(out, b);
         }
@@ -191,12 +193,12 @@ pub struct Mlp {
 pub struct SparseMoe {
     /// Router, `[E, H]` (HF `mlp.gate`).
     pub gate: Linear,
-    /// `[E, I, H]`
-    pub experts_gate_proj: Vec<f32>,
-    /// `[E, I, H]`
-    pub experts_up_proj: Vec<f32>,
-    /// `[E, H, I]`
-    pub experts_down_proj: Vec<f32>,
+    /// `[E * I, H]` (expert `e`: rows `e * I..(e + 1) * I`)
+    pub experts_gate_proj: Matrix,
+    /// `[E * I, H]`
+    pub experts_up_proj: Matrix,
+    /// `[E * H, I]`
+    pub experts_down_proj: Matrix,
     pub n_experts: usize,
     pub top_k: usize,
     pub intermediate_size: usize,
@@ -217,16 +219,18 @@ pub struct DecoderLayer {
     pub mlp: FeedForward,
 }
 
-/// A loaded model: configuration and f32 weights by role.
+/// A loaded model: configuration and weights by role.
 pub struct Model {
     pub config: ModelConfig,
     /// `[V, H]`
-    pub embed_tokens: Vec<f32>,
+    pub embed_tokens: Matrix,
     pub layers: Vec<DecoderLayer>,
     /// `[H]`
     pub norm: Vec<f32>,
     /// `[V, H]`; `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Matrix>,
+    /// How matmuls with quantized weights compute (default: as llama.cpp's CPU backend).
+    pub quant_dot: QuantDot,
     /// `[head_dim / 2]`
     inv_freq: Vec<f32>,
     /// Tensors in the file that no role asked for (reported, not fatal).
@@ -269,6 +273,31 @@ impl Loader<'_> {
         self.by_name(name, shape, what)
     }
 
+    /// A matrix `[rows, cols]` in its stored type; `shape` is the file's shape (`[rows, cols]`,
+    /// or `[E, out, in]` for stacked experts, read as `[E * out, in]`).
+    fn matrix(&mut self, role: Role, layer: usize, shape: &[usize], what: &str) -> Result<Matrix, WeightError> {
+        let name = self.names.name(role, layer);
+        self.check_shape(&name, shape, what)?;
+        let cols = shape.last().copied().unwrap_or(0);
+        let rows = shape.iter().product::<usize>() / cols.max(1);
+        let m = self.w.load_matrix(&name, rows, cols)?;
+        self.used.insert(name);
+        Ok(m)
+    }
+
+    fn check_shape(&self, name: &str, shape: &[usize], what: &str) -> Result<(), WeightError> {
+        let path = self.w.path();
+        let got = self.w.shape(name).ok_or_else(|| WeightError::MissingTensor {
+            path: path.clone(),
+            tensor: name.to_string(),
+            architecture: format!("{}, {what}", self.arch),
+        })?;
+        if got != shape {
+            return Err(WeightError::Shape { path, tensor: name.to_string(), got, expected: shape.to_vec() });
+        }
+        Ok(())
+    }
+
     fn linear(
         &mut self,
         role: Role,
@@ -278,7 +307,7 @@ impl Loader<'_> {
         inp: usize,
         what: &str,
     ) -> Result<Linear, WeightError> {
-        let weight = self.tensor(role, layer, &[out, inp], what)?;
+        let weight = self.matrix(role, layer, &[out, inp], what)?;
         let bias = match bias {
             Some(b) => Some(self.tensor(b, layer, &[out], what)?),
             None => None,
@@ -295,16 +324,16 @@ impl Loader<'_> {
         out: usize,
         inp: usize,
         what: &str,
-    ) -> Result<Vec<f32>, WeightError> {
+    ) -> Result<Matrix, WeightError> {
         if self.names.stacks_experts() {
-            return self.tensor(role, layer, &[e, out, inp], what);
+            return self.matrix(role, layer, &[e, out, inp], what);
         }
         let mut all = Vec::with_capacity(e * out * inp);
         for x in 0..e {
             let name = self.names.expert(role, layer, x);
             all.extend(self.by_name(name, &[out, inp], what)?);
         }
-        Ok(all)
+        Ok(Matrix::f32(all, e * out, inp))
     }
 }
 
@@ -317,12 +346,12 @@ impl Model {
         let (h, v) = (c.hidden_size, c.vocab_size);
         let mut ld = Loader { w, names, arch: c.architecture, used: Default::default() };
 
-        let embed_tokens = ld.tensor(Role::TokenEmbd, 0, &[v, h], "token embedding")?;
+        let embed_tokens = ld.matrix(Role::TokenEmbd, 0, &[v, h], "token embedding")?;
         let norm = ld.tensor(Role::OutputNorm, 0, &[h], "final norm")?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(ld.tensor(Role::Output, 0, &[v, h], "lm_head (tie_word_embeddings is false)")?)
+            Some(ld.matrix(Role::Output, 0, &[v, h], "lm_head (tie_word_embeddings is false)")?)
         };
 
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -382,15 +411,33 @@ impl Model {
         #[cfg(not(feature = "mutation-testing"))]
         let inv_freq = kernels::rope_inv_freq(c.head_dim, c.rope_theta);
         #[cfg(not(feature = "mutation-testing"))]
-        return Ok(Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors });
+        return Ok(Model {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            quant_dot: QuantDot::default(),
+            inv_freq,
+            unused_tensors,
+        });
 
         #[cfg(feature = "mutation-testing")]
         {
             use super::mutation;
             let m = mutation::Mutation::from_env()?;
             let inv_freq = kernels::rope_inv_freq(c.head_dim, mutation::rope_theta(m, c.rope_theta));
-            let mut model =
-                Model { config, embed_tokens, layers, norm, lm_head, inv_freq, unused_tensors, mutation: m };
+            let mut model = Model {
+                config,
+                embed_tokens,
+                layers,
+                norm,
+                lm_head,
+                quant_dot: QuantDot::default(),
+                inv_freq,
+                unused_tensors,
+                mutation: m,
+            };
             mutation::apply_at_load(m, &mut model)?;
             if let Some(m) = m {
                 tracing::warn!(mutation = %m, "a mutation is injected into the engine (mutation tests only)");
@@ -405,8 +452,30 @@ impl Model {
     }
 
     /// `[V, H]` the lm_head's weight (the embedding when tied).
-    fn lm_head_weight(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    pub fn lm_head_weight(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Whether any matrix is stored in a quantized ggml type (so [`Model::quant_dot`]
+    /// matters).
+    pub fn has_quantized_weights(&self) -> bool {
+        let q = |m: &Matrix| m.is_quantized();
+        let lin = |l: &Linear| q(&l.weight);
+        q(&self.embed_tokens)
+            || self.lm_head.as_ref().is_some_and(q)
+            || self.layers.iter().any(|l| {
+                let a = &l.self_attn;
+                lin(&a.q_proj)
+                    || lin(&a.k_proj)
+                    || lin(&a.v_proj)
+                    || lin(&a.o_proj)
+                    || match &l.mlp {
+                        FeedForward::Dense(m) => lin(&m.gate_proj) || lin(&m.up_proj) || lin(&m.down_proj),
+                        FeedForward::Sparse(m) => {
+                            lin(&m.gate) || q(&m.experts_gate_proj) || q(&m.experts_up_proj) || q(&m.experts_down_proj)
+                        }
+                    }
+            })
     }
 
     /// Runs `tokens` at positions `cache.len()..` through the model, appends their keys
@@ -431,7 +500,7 @@ impl Model {
 
         // 1. Token embedding. x: [t, H]
         for (xr, &id) in s.x.chunks_mut(h).zip(tokens) {
-            xr.copy_from_slice(&self.embed_tokens[id as usize * h..(id as usize + 1) * h]);
+            self.embed_tokens.row_f32(id as usize, xr); // dequantized, as ggml's get_rows
         }
         io.capture(CapturePoint::Embed, 0, &s.x, h);
 
@@ -453,9 +522,10 @@ impl Model {
             io.capture(CapturePoint::AttnNorm, li, &s.hn, h);
 
             // 3. q, k, v projections (+ bias on qwen2). q: [t, n_heads * hd], k, v: [t, n_kv * hd]
-            a.q_proj.forward(&mut s.q, &s.hn, t);
-            a.k_proj.forward(&mut s.k, &s.hn, t);
-            a.v_proj.forward(&mut s.v, &s.hn, t);
+            let qd = self.quant_dot;
+            a.q_proj.forward(&mut s.q, &s.hn, t, qd);
+            a.k_proj.forward(&mut s.k, &s.hn, t, qd);
+            a.v_proj.forward(&mut s.v, &s.hn, t, qd);
 
             // 4. Per-head RMSNorm of q and k (qwen3), then RoPE on both.
             if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
@@ -487,7 +557,7 @@ impl Model {
             super::mutation::attention(self.mutation, &mut s.attn, &s.q, keys, values, shape);
 
             // 6. Output projection, then the residual add. o: [t, H]
-            a.o_proj.forward(&mut s.o, &s.attn, t);
+            a.o_proj.forward(&mut s.o, &s.attn, t, qd);
             io.capture(CapturePoint::AttnOut, li, &s.o, h);
             kernels::add_in_place(&mut s.x, &s.o);
 
@@ -497,8 +567,8 @@ impl Model {
 
             // 8. Feed-forward: dense SwiGLU or routed experts. o: [t, H]
             match &layer.mlp {
-                FeedForward::Dense(m) => dense_mlp(m, t, s),
-                FeedForward::Sparse(m) => sparse_moe(m, li, t, s, io),
+                FeedForward::Dense(m) => dense_mlp(m, t, s, qd),
+                FeedForward::Sparse(m) => sparse_moe(m, li, t, s, io, qd),
             }
             io.capture(CapturePoint::FfnOut, li, &s.o, h);
 
@@ -532,7 +602,7 @@ impl Model {
             })
             .collect();
         io.logits.resize(io.logit_rows.len() * c.vocab_size, 0.0);
-        kernels::matmul_t(io.logits, &sel, self.lm_head_weight(), io.logit_rows.len(), h, c.vocab_size);
+        matrix::matmul(io.logits, &sel, self.lm_head_weight().view(), io.logit_rows.len(), self.quant_dot);
         Ok(())
     }
 }
@@ -546,25 +616,25 @@ fn merged_rows(a: &[usize], b: &[usize]) -> Vec<usize> {
 }
 
 /// `o = down(silu(gate(hn)) * up(hn))`.
-fn dense_mlp(m: &Mlp, t: usize, s: &mut Scratch) {
+fn dense_mlp(m: &Mlp, t: usize, s: &mut Scratch, qd: QuantDot) {
     let im = m.gate_proj.out_features;
     let (g, u) = (&mut s.g[..t * im], &mut s.u[..t * im]);
-    m.gate_proj.forward(g, &s.hn, t);
-    m.up_proj.forward(u, &s.hn, t);
+    m.gate_proj.forward(g, &s.hn, t, qd);
+    m.up_proj.forward(u, &s.hn, t, qd);
     kernels::swiglu_in_place(g, u);
-    m.down_proj.forward(&mut s.o, g, t);
+    m.down_proj.forward(&mut s.o, g, t, qd);
 }
 
 /// Router logits, softmax (f32), top-k (ties: lower expert first), optional
 /// renormalisation, then for each expert in index order the SwiGLU of the rows routed to
 /// it, scaled by their routing weight and added to `o` (HF's order of accumulation).
-fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut ForwardIo<'_>) {
+fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut ForwardIo<'_>, qd: QuantDot) {
     let (e, k, im) = (m.n_experts, m.top_k, m.intermediate_size);
     let h = m.gate.in_features;
 
     // Router logits. [t, E]
     let router = &mut s.router[..t * e];
-    m.gate.forward(router, &s.hn, t);
+    m.gate.forward(router, &s.hn, t, qd);
     io.capture(CapturePoint::MoeRouter, layer, router, e);
 
     // Softmax, top-k, renormalise. chosen: [t, k] (expert, weight)
@@ -602,11 +672,11 @@ fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut F
             dst.copy_from_slice(&s.hn[r * h..(r + 1) * h]);
         }
         let (g, u) = (&mut s.g[..n * im], &mut s.u[..n * im]); // [n, I]
-        kernels::matmul_t(g, xin, &m.experts_gate_proj[x * im * h..(x + 1) * im * h], n, h, im);
-        kernels::matmul_t(u, xin, &m.experts_up_proj[x * im * h..(x + 1) * im * h], n, h, im);
+        matrix::matmul(g, xin, m.experts_gate_proj.rows_view(x * im..(x + 1) * im), n, qd);
+        matrix::matmul(u, xin, m.experts_up_proj.rows_view(x * im..(x + 1) * im), n, qd);
         kernels::swiglu_in_place(g, u);
         let d = &mut s.moe_out[..n * h]; // [n, H]
-        kernels::matmul_t(d, g, &m.experts_down_proj[x * h * im..(x + 1) * h * im], n, im, h);
+        matrix::matmul(d, g, m.experts_down_proj.rows_view(x * h..(x + 1) * h), n, qd);
         for (dr, &(r, wgt)) in d.chunks(h).zip(rows) {
             for (ov, &dv) in s.o[r * h..(r + 1) * h].iter_mut().zip(dr) {
                 *ov += dv * wgt;

@@ -9,11 +9,13 @@
 //! `decode_steps - 1` tokens (`decode_tokens` counts those passes, so
 //! `decode_tokens / decode_ms` is the decode rate).
 //!
-//! GGUF files are dequantized to f32 at load and computed in f32, like safetensors; the
-//! manifest says so (`extra.compute`), since llama.cpp quantizes activations to 8 bits in
-//! its quantized matmuls and so computes in lower precision than this engine. The CUDA
-//! backend uploads the file's stored blocks instead and dequantizes them on the device
-//! (bit-exact vs the host), into the request's dtype; `extra.compute` then says that. Their
+//! GGUF weights stay memory-mapped in their stored types. On the CPU, matmuls with quantized
+//! weights compute as llama.cpp's CPU backend does by default (activations quantized to
+//! 8 bits, integer block dot products: [`super::quant_dot`]); `options.quant_dot = "f32"`
+//! dequantizes the weights to f32 inside each matmul and computes in f32 instead. The
+//! manifest records the path (`extra.quant_dot`, and in words `extra.compute`). The CUDA
+//! backend uploads the file's stored blocks and dequantizes them on the device (bit-exact vs
+//! the host), into the request's dtype; `extra.compute` then says that. GGUF
 //! hyper-parameters come from the file's metadata; every one the file is silent about is
 //! listed in `model.assumed`. Their tokenizer is the request's `tokenizer.json`, else the
 //! vocabulary embedded in the file.
@@ -37,6 +39,7 @@ use super::config::{Architecture, ConfigError, ModelConfig};
 use super::gguf::{self, GgufConfig, GgufTokenizer, GgufWeights};
 use super::kernels;
 use super::kv_cache::KvCache;
+use super::matrix::QuantDot;
 use super::model::{ForwardIo, Model, Scratch};
 use super::safetensors::SafetensorsWeights;
 use super::tokenizer::Tokenizer;
@@ -75,8 +78,13 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
         });
     }
 
+    let quant_dot = quant_dot_option(&req, backend.name())?;
     let t_load = Instant::now();
-    let loaded = load_model(&req.model)?;
+    let mut loaded = load_model(&req.model)?;
+    loaded.model.quant_dot = quant_dot;
+    if loaded.format == "gguf" {
+        note_gguf_compute(&mut loaded, backend.name());
+    }
     #[cfg(feature = "mutation-testing")]
     let loaded = note_mutation(loaded);
     let load_ms = ms(t_load);
@@ -203,6 +211,58 @@ fn note_mutation(mut loaded: LoadedModel) -> LoadedModel {
     loaded
 }
 
+/// `options.quant_dot`: how the CPU backend multiplies quantized weights, `ggml` (the
+/// default: as llama.cpp's CPU backend) or `f32` (dequantized weights, f32 arithmetic). The
+/// CUDA backend always dequantizes, so `ggml` there is an error.
+fn quant_dot_option(req: &Request, backend: &str) -> Result<QuantDot, EngineError> {
+    let bad = |v: &serde_json::Value, message: String| EngineError::BadOption {
+        option: "quant_dot".into(),
+        value: v.to_string(),
+        message,
+    };
+    let default = if backend == "cpu" { QuantDot::Ggml } else { QuantDot::F32 };
+    match req.options.get("quant_dot") {
+        None => Ok(default),
+        Some(v) => match v.as_str().and_then(QuantDot::parse) {
+            Some(QuantDot::Ggml) if backend != "cpu" => {
+                Err(bad(v, format!("the {backend} backend has no quantized dot products; use \"f32\"")))
+            }
+            Some(q) => Ok(q),
+            None => Err(bad(v, "must be \"ggml\" (llama.cpp's quantized dot products) or \"f32\"".into())),
+        },
+    }
+}
+
+/// `extra.compute` and `extra.quant_dot` of a GGUF model: which path its matmuls take.
+fn note_gguf_compute(loaded: &mut LoadedModel, backend: &str) {
+    let quant = &loaded.quant;
+    let model = &loaded.model;
+    let compute = match (backend, model.has_quantized_weights(), model.quant_dot) {
+        ("cpu", true, QuantDot::Ggml) => format!(
+            "weights kept in their GGUF types ({quant}); matmuls with quantized weights quantize each activation row \
+             to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K) as ggml-cpu does and take integer block dot \
+             products with ggml's scale arithmetic (llama.cpp's CPU numerics; f32 accumulation in block order); \
+             F16/BF16/F32 weights widened to f32 in the dot product; every other operation in f32"
+        ),
+        ("cpu", true, QuantDot::F32) => format!(
+            "weights kept in their GGUF types ({quant}), dequantized to f32 inside each matmul (the values of \
+             dequantizing at load); activations and accumulation in f32 (higher precision than llama.cpp, which \
+             quantizes activations to 8 bits for quantized matmuls)"
+        ),
+        ("cpu", false, _) => format!(
+            "weights kept in their GGUF types ({quant}), widened to f32 inside each matmul (exact); activations \
+             and accumulation in f32"
+        ),
+        _ => format!(
+            "weights dequantized from {quant} to f32 at load; activations and accumulation in f32 \
+             (higher precision than llama.cpp, which quantizes activations to 8 bits for quantized matmuls)"
+        ),
+    };
+    let qd = if model.has_quantized_weights() { model.quant_dot.as_str() } else { "none (no quantized weights)" };
+    loaded.extra.insert("compute".into(), compute.into());
+    loaded.extra.insert("quant_dot".into(), qd.into());
+}
+
 /// `options.threads`: CPU worker threads.
 fn threads_option(req: &Request) -> Result<Option<usize>, EngineError> {
     match req.options.get("threads") {
@@ -321,7 +381,7 @@ pub fn load_model(m: &ModelRef) -> Result<LoadedModel, EngineError> {
     }
 }
 
-/// A GGUF file: hyper-parameters from its metadata, weights dequantized to f32, the
+/// A GGUF file: hyper-parameters from its metadata, weights kept mapped in their types, the
 /// request's tokenizer.json or else the embedded vocabulary.
 fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
     let path = &m.path;
@@ -358,14 +418,6 @@ fn load_gguf(m: &ModelRef) -> Result<LoadedModel, EngineError> {
         Err(e) => return Err(e.into()),
     };
     let mut extra = serde_json::Map::new();
-    extra.insert(
-        "compute".into(),
-        format!(
-            "weights dequantized from {quant} to f32 at load; activations and accumulation in f32 \
-             (higher precision than llama.cpp, which quantizes activations to 8 bits for quantized matmuls)"
-        )
-        .into(),
-    );
     extra.insert(
         "tokenizer_source".into(),
         match (&tokenizer, &m.tokenizer) {

@@ -4,10 +4,14 @@
 //! safetensors, `blk.N.*` names for GGUF; see `model.rs` for the per-architecture role ->
 //! name tables) and always receives row-major f32 in PyTorch dimension order (`[out, in]`
 //! for a linear layer, `[E, out, in]` for stacked experts). Quantized storage is
-//! dequantized on load; [`WeightSource::raw`] also gives the stored bytes, for a backend that
+//! dequantized on load by [`WeightSource::load_f32`]; [`WeightSource::load_matrix`] keeps a
+//! weight matrix in its stored type where the source can (GGUF: mapped ggml blocks);
+//! [`WeightSource::raw`] also gives the stored bytes, for a backend that
 //! dequantizes on its device (CUDA).
 
 use std::path::PathBuf;
+
+use super::matrix::Matrix;
 
 /// Why a weight could not be provided. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,12 @@ pub trait WeightSource: Send + Sync {
     fn storage_type(&self, name: &str) -> Option<String>;
     /// The tensor as row-major f32 in PyTorch order, dequantized if needed.
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, WeightError>;
+    /// The tensor as a matrix `[rows, cols]` (`cols` the last dimension): in its stored type
+    /// where the source keeps it mapped, else f32 from [`WeightSource::load_f32`]. The
+    /// caller has checked that the shape has `rows * cols` elements.
+    fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
+        Ok(Matrix::f32(self.load_f32(name)?, rows, cols))
+    }
     /// Every tensor name in the file.
     fn names(&self) -> Vec<String>;
     /// The stored bytes of a tensor, where the format keeps blocks a device can dequantize

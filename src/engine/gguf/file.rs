@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -576,8 +577,24 @@ impl GgufHeader {
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     header: GgufHeader,
+}
+
+/// The bytes of one tensor inside a mapped GGUF file, kept alive by a shared handle on the
+/// map (a model keeps its weights in the file's own types without copying them).
+#[derive(Debug, Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
 }
 
 impl GgufFile {
@@ -590,7 +607,7 @@ impl GgufFile {
         // changed bytes), the accepted risk of every memory-mapped model loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         let header = GgufHeader::parse(path, &mmap)?;
-        Ok(GgufFile { path: path.to_path_buf(), mmap, header })
+        Ok(GgufFile { path: path.to_path_buf(), mmap: Arc::new(mmap), header })
     }
 
     pub fn path(&self) -> &Path {
@@ -617,6 +634,12 @@ impl GgufFile {
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.header.data_offset + info.offset) as usize;
         &self.mmap[start..start + info.n_bytes as usize]
+    }
+
+    /// A tensor's bytes as a shared handle on the map (see [`MappedBytes`]).
+    pub fn tensor_mapped(&self, info: &TensorInfo) -> MappedBytes {
+        let start = (self.header.data_offset + info.offset) as usize;
+        MappedBytes { map: Arc::clone(&self.mmap), start, len: info.n_bytes as usize }
     }
 
     /// A required string value.

@@ -7,6 +7,6 @@ pub mod quants;
 pub mod tokenizer;
 pub mod weights;
 
-pub use file::{GgmlType, GgufError, GgufFile, GgufHeader, MetaValue, TensorInfo};
+pub use file::{GgmlType, GgufError, GgufFile, GgufHeader, MappedBytes, MetaValue, TensorInfo};
 pub use tokenizer::{GgufTokenizer, TokenizerError, embedded_tokenizer, load_tokenizer};
 pub use weights::{GgufConfig, GgufWeights};

@@ -41,8 +41,26 @@ pub fn is_supported(ty: GgmlType) -> bool {
     matches!(ty, F32 | F16 | Bf16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4K | Q5K | Q6K)
 }
 
-/// Dequantize `data` (whole blocks of `ty`) into `out` (one f32 per element).
+/// Dequantize `data` (whole blocks of `ty`) into `out` (one f32 per element), in parallel
+/// chunks on the current rayon pool.
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    dequantize_with(Exec::Parallel, ty, data, out)
+}
+
+/// [`dequantize`] on the calling thread only, for a few rows inside a kernel that is already
+/// parallel (an embedding row, a block of weight rows). The same bits as [`dequantize`].
+pub fn dequantize_seq(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    dequantize_with(Exec::Sequential, ty, data, out)
+}
+
+/// Where the blocks of one call are dequantized.
+#[derive(Clone, Copy)]
+enum Exec {
+    Parallel,
+    Sequential,
+}
+
+fn dequantize_with(exec: Exec, ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
     if !is_supported(ty) {
         return Err(QuantError::Unsupported(ty));
     }
@@ -58,32 +76,47 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Quan
         });
     }
     match ty {
-        GgmlType::F32 => dequantize_f32(data, out),
-        GgmlType::F16 => dequantize_f16(data, out),
-        GgmlType::Bf16 => dequantize_bf16(data, out),
-        GgmlType::Q8_0 => dequantize_q8_0(data, out),
-        GgmlType::Q4_0 => dequantize_q4_0(data, out),
-        GgmlType::Q4_1 => dequantize_q4_1(data, out),
-        GgmlType::Q5_0 => dequantize_q5_0(data, out),
-        GgmlType::Q5_1 => dequantize_q5_1(data, out),
-        GgmlType::Q4K => dequantize_q4_k(data, out),
-        GgmlType::Q5K => dequantize_q5_k(data, out),
-        GgmlType::Q6K => dequantize_q6_k(data, out),
+        GgmlType::F32 => dequantize_f32(exec, data, out),
+        GgmlType::F16 => dequantize_f16(exec, data, out),
+        GgmlType::Bf16 => dequantize_bf16(exec, data, out),
+        GgmlType::Q8_0 => dequantize_q8_0(exec, data, out),
+        GgmlType::Q4_0 => dequantize_q4_0(exec, data, out),
+        GgmlType::Q4_1 => dequantize_q4_1(exec, data, out),
+        GgmlType::Q5_0 => dequantize_q5_0(exec, data, out),
+        GgmlType::Q5_1 => dequantize_q5_1(exec, data, out),
+        GgmlType::Q4K => dequantize_q4_k(exec, data, out),
+        GgmlType::Q5K => dequantize_q5_k(exec, data, out),
+        GgmlType::Q6K => dequantize_q6_k(exec, data, out),
         other => return Err(QuantError::Unsupported(other)),
     }
     Ok(())
 }
 
-/// Run `block` over every (bytes, values) block pair, in parallel chunks. Trailing bytes or
-/// values that do not form a whole block are left alone; [`dequantize`] checks the sizes.
-fn par_blocks<const TS: usize, const BS: usize>(data: &[u8], out: &mut [f32], block: fn(&[u8; TS], &mut [f32; BS])) {
+/// Run `block` over every (bytes, values) block pair, in parallel chunks or in order. Trailing
+/// bytes or values that do not form a whole block are left alone; [`dequantize_with`] checks
+/// the sizes. Blocks are independent, so both ways give the same bits.
+fn run_blocks<const TS: usize, const BS: usize>(
+    exec: Exec,
+    data: &[u8],
+    out: &mut [f32],
+    block: fn(&[u8; TS], &mut [f32; BS]),
+) {
     let (blocks, _) = data.as_chunks::<TS>();
     let (values, _) = out.as_chunks_mut::<BS>();
-    values.par_chunks_mut(BLOCKS_PER_TASK).zip(blocks.par_chunks(BLOCKS_PER_TASK)).for_each(|(vs, bs)| {
-        for (v, b) in vs.iter_mut().zip(bs) {
-            block(b, v);
+    match exec {
+        Exec::Parallel => {
+            values.par_chunks_mut(BLOCKS_PER_TASK).zip(blocks.par_chunks(BLOCKS_PER_TASK)).for_each(|(vs, bs)| {
+                for (v, b) in vs.iter_mut().zip(bs) {
+                    block(b, v);
+                }
+            })
         }
-    });
+        Exec::Sequential => {
+            for (v, b) in values.iter_mut().zip(blocks) {
+                block(b, v);
+            }
+        }
+    }
 }
 
 /// f16 bits widened to f32, exactly as numpy's `astype(float32)`: every finite value and
@@ -101,32 +134,32 @@ pub fn f16_to_f32(bits: u16) -> f32 {
 
 /// A little-endian f16 at `b[i..i + 2]`, widened to f32 (exact).
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 // ---- plain floats ---------------------------------------------------------------------
 
 /// F32: the little-endian bits as they are (NaN payloads included).
-pub fn dequantize_f32(data: &[u8], out: &mut [f32]) {
-    par_blocks::<4, 1>(data, out, |b, v| v[0] = f32::from_le_bytes(*b));
+fn dequantize_f32(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<4, 1>(exec, data, out, |b, v| v[0] = f32::from_le_bytes(*b));
 }
 
 /// F16: exact widening (gguf-py: `view(float16).astype(float32)`), NaN payloads included.
-pub fn dequantize_f16(data: &[u8], out: &mut [f32]) {
-    par_blocks::<2, 1>(data, out, |b, v| v[0] = f16_to_f32(u16::from_le_bytes(*b)));
+fn dequantize_f16(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<2, 1>(exec, data, out, |b, v| v[0] = f16_to_f32(u16::from_le_bytes(*b)));
 }
 
 /// BF16: the 16 bits become the high half of an f32 (gguf-py: `int16 -> int32 << 16`).
-pub fn dequantize_bf16(data: &[u8], out: &mut [f32]) {
-    par_blocks::<2, 1>(data, out, |b, v| v[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16));
+fn dequantize_bf16(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<2, 1>(exec, data, out, |b, v| v[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16));
 }
 
 // ---- 32-element blocks ----------------------------------------------------------------
 
 /// Q8_0, 34 bytes: `d: f16, qs: [i8; 32]`; `y = qs * d`.
-pub fn dequantize_q8_0(data: &[u8], out: &mut [f32]) {
-    par_blocks::<34, 32>(data, out, |b, y| {
+fn dequantize_q8_0(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<34, 32>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         for (y, &q) in y.iter_mut().zip(&b[2..34]) {
             *y = f32::from(q as i8) * d;
@@ -136,8 +169,8 @@ pub fn dequantize_q8_0(data: &[u8], out: &mut [f32]) {
 
 /// Q4_0, 18 bytes: `d: f16, qs: [u8; 16]`; element j is the low nibble of qs[j], element
 /// j + 16 the high nibble; `y = (q - 8) * d`.
-pub fn dequantize_q4_0(data: &[u8], out: &mut [f32]) {
-    par_blocks::<18, 32>(data, out, |b, y| {
+fn dequantize_q4_0(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<18, 32>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let qs = &b[2..18];
         for j in 0..16 {
@@ -148,8 +181,8 @@ pub fn dequantize_q4_0(data: &[u8], out: &mut [f32]) {
 }
 
 /// Q4_1, 20 bytes: `d: f16, m: f16, qs: [u8; 16]`; `y = d * q + m` (two roundings).
-pub fn dequantize_q4_1(data: &[u8], out: &mut [f32]) {
-    par_blocks::<20, 32>(data, out, |b, y| {
+fn dequantize_q4_1(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<20, 32>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let m = f16_at(b, 2);
         let qs = &b[4..20];
@@ -167,8 +200,8 @@ fn q5_high(qh: u32, j: usize) -> u8 {
 }
 
 /// Q5_0, 22 bytes: `d: f16, qh: u32, qs: [u8; 16]`; `y = (q - 16) * d`.
-pub fn dequantize_q5_0(data: &[u8], out: &mut [f32]) {
-    par_blocks::<22, 32>(data, out, |b, y| {
+fn dequantize_q5_0(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<22, 32>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         let qs = &b[6..22];
@@ -180,8 +213,8 @@ pub fn dequantize_q5_0(data: &[u8], out: &mut [f32]) {
 }
 
 /// Q5_1, 24 bytes: `d: f16, m: f16, qh: u32, qs: [u8; 16]`; `y = d * q + m`.
-pub fn dequantize_q5_1(data: &[u8], out: &mut [f32]) {
-    par_blocks::<24, 32>(data, out, |b, y| {
+fn dequantize_q5_1(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<24, 32>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let m = f16_at(b, 2);
         let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -198,7 +231,7 @@ pub fn dequantize_q5_1(data: &[u8], out: &mut [f32]) {
 /// The 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes of Q4_K/Q5_K
 /// (ggml's `get_scale_min_k4`; gguf-py's `Q4_K.get_scale_min`).
 #[inline(always)]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -209,8 +242,8 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 /// Q4_K, 144 bytes: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`. Eight sub-blocks
 /// of 32: sub-block 2c takes the low nibbles of qs[32c..32c+32], 2c+1 the high nibbles.
 /// `y = (d * sc) * q - (dmin * m)`, each product rounded to f32 first.
-pub fn dequantize_q4_k(data: &[u8], out: &mut [f32]) {
-    par_blocks::<144, 256>(data, out, |b, y| {
+fn dequantize_q4_k(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<144, 256>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let dmin = f16_at(b, 2);
         let scales = &b[4..16];
@@ -232,8 +265,8 @@ pub fn dequantize_q4_k(data: &[u8], out: &mut [f32]) {
 
 /// Q5_K, 176 bytes: `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`. As Q4_K,
 /// with the fifth bit of element l of sub-block s in bit s of qh[l].
-pub fn dequantize_q5_k(data: &[u8], out: &mut [f32]) {
-    par_blocks::<176, 256>(data, out, |b, y| {
+fn dequantize_q5_k(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<176, 256>(exec, data, out, |b, y| {
         let d = f16_at(b, 0);
         let dmin = f16_at(b, 2);
         let scales = &b[4..16];
@@ -261,8 +294,8 @@ pub fn dequantize_q5_k(data: &[u8], out: &mut [f32]) {
 /// 128 elements; in half h, element 32k + l (k = 0..4) takes nibble k / 2 of
 /// ql[64h + 32(k % 2) + l] and bits 2k..2k+2 of qh[32h + l]; 16 elements share a scale.
 /// `y = (d * scale) * (q - 32)`.
-pub fn dequantize_q6_k(data: &[u8], out: &mut [f32]) {
-    par_blocks::<210, 256>(data, out, |b, y| {
+fn dequantize_q6_k(exec: Exec, data: &[u8], out: &mut [f32]) {
+    run_blocks::<210, 256>(exec, data, out, |b, y| {
         let ql = &b[0..128];
         let qh = &b[128..192];
         let scales = &b[192..208];

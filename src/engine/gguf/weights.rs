@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::file::{GgufError, GgufFile};
+use super::file::{GgmlType, GgufError, GgufFile};
 use super::quants::{self, QuantError};
+use crate::engine::matrix::{Matrix, Storage};
 use crate::engine::weights::{RawTensor, WeightError, WeightSource};
 
 /// Hyper-parameters of a GGUF model. Keys are `{architecture}.{name}` in the file.
@@ -249,6 +250,27 @@ impl WeightSource for GgufWeights {
             },
         })?;
         Ok(out)
+    }
+
+    /// F32 tensors are copied out as f32; every other supported type stays mapped.
+    fn load_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
+        let info = match self.file.tensor(name) {
+            Some(info) if info.ggml_type != GgmlType::F32 && quants::is_supported(info.ggml_type) => info,
+            _ => return Ok(Matrix::f32(self.load_f32(name)?, rows, cols)),
+        };
+        let (bs, ts) = info.ggml_type.block_layout();
+        let (bs, ts) = (bs as usize, ts as usize);
+        if !cols.is_multiple_of(bs) || info.n_bytes as usize != rows * (cols / bs) * ts {
+            return Err(WeightError::Format {
+                path: self.file.path().to_path_buf(),
+                format: "gguf",
+                message: format!(
+                    "tensor `{name}`: {} bytes of {} do not hold [{rows}, {cols}] ({bs} elements per block of {ts} bytes)",
+                    info.n_bytes, info.ggml_type
+                ),
+            });
+        }
+        Ok(Matrix { storage: Storage::Mapped { ty: info.ggml_type, bytes: self.file.tensor_mapped(info) }, rows, cols })
     }
 
     fn names(&self) -> Vec<String> {

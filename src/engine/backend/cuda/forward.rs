@@ -16,6 +16,7 @@
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{LaunchConfig, PushKernelArg, result as cur, sys as cu};
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::dequant;
@@ -23,6 +24,7 @@ use super::kernels::{self, Geometry, StorageType};
 use super::{BackendError, DevBuf, Gpu, cuda_err};
 use crate::engine::EngineError;
 use crate::engine::kv_cache::KvCache;
+use crate::engine::matrix::Matrix;
 use crate::engine::model::{FeedForward, ForwardIo, Linear, Model, NameTable, Role};
 use crate::engine::weights::WeightSource;
 use crate::protocol::CapturePoint;
@@ -156,6 +158,40 @@ fn upload(g: &mut Gpu, ty: StorageType, v: &[f32]) -> Result<DevBuf, BackendErro
     upload_bytes(g, &ty.encode(v))
 }
 
+/// A weight's host copy: f32 values, or a [`Matrix`] in its stored type (widened only when
+/// the device copy has to come from the host).
+trait HostWeight {
+    fn elements(&self) -> usize;
+    fn values(&self) -> Cow<'_, [f32]>;
+}
+
+impl HostWeight for [f32] {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+    fn values(&self) -> Cow<'_, [f32]> {
+        Cow::Borrowed(self)
+    }
+}
+
+impl HostWeight for Vec<f32> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+    fn values(&self) -> Cow<'_, [f32]> {
+        Cow::Borrowed(self)
+    }
+}
+
+impl HostWeight for Matrix {
+    fn elements(&self) -> usize {
+        self.rows * self.cols
+    }
+    fn values(&self) -> Cow<'_, [f32]> {
+        self.to_f32()
+    }
+}
+
 /// Where the device copy of each weight comes from: the file's stored blocks, dequantized
 /// on the device ([`dequant`]), when the source keeps them ([`WeightSource::raw`]); else the
 /// host's f32 copy in the model, rounded to the storage type on the host.
@@ -168,16 +204,22 @@ struct Uploader<'a> {
 }
 
 impl Uploader<'_> {
-    fn weight(&mut self, g: &mut Gpu, role: Role, layer: usize, host: &[f32]) -> Result<DevBuf, BackendError> {
+    fn weight<H: HostWeight + ?Sized>(
+        &mut self,
+        g: &mut Gpu,
+        role: Role,
+        layer: usize,
+        host: &H,
+    ) -> Result<DevBuf, BackendError> {
         let stacked = matches!(role, Role::FfnGateExps | Role::FfnUpExps | Role::FfnDownExps);
         if let Some((src, names)) = self.source.filter(|(_, n)| !stacked || n.stacks_experts()) {
             let name = names.name(role, layer);
             if let Some(raw) = src.raw(&name) {
                 let elements: usize = raw.shape.iter().product();
-                if elements != host.len() {
+                if elements != host.elements() {
                     return Err(BackendError::Dequant {
                         tensor: name,
-                        source: dequant::DequantError::Shape { shape: raw.shape.clone(), expected: host.len() },
+                        source: dequant::DequantError::Shape { shape: raw.shape.clone(), expected: host.elements() },
                     });
                 }
                 let buf = dequant::dequantize(g, self.ty, &name, &raw)?;
@@ -186,7 +228,7 @@ impl Uploader<'_> {
             }
         }
         self.from_host += 1;
-        upload(g, self.ty, host)
+        upload(g, self.ty, &host.values())
     }
 
     fn linear(

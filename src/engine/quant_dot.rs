@@ -1,0 +1,738 @@
+//! Quantized dot products as ggml's CPU backend computes them, so that a quantized GGUF
+//! gives the engine the numbers llama.cpp gives on the same file.
+//!
+//! For a weight stored in a quantized type, ggml-cpu does not widen the weight: it quantizes
+//! each *activation* row to the weight type's `vec_dot_type` (`type_traits_cpu` in
+//! `ggml-cpu/ggml-cpu.c`): Q8_0 for Q4_0, Q5_0 and Q8_0, Q8_1 for Q4_1 and Q5_1, Q8_K for
+//! Q4_K, Q5_K and Q6_K, then takes integer dot products block by block and scales each
+//! block's integer sum by the f16 scales of both sides. This module does the same.
+//!
+//! What is reproduced exactly (checked against ggml's own functions, called on real blocks
+//! of `llama-quantize` files, by `tests/quant_dot.rs`):
+//! - the activation quantizers as they run on x86 with AVX2 (`ggml-cpu/arch/x86/quants.c`):
+//!   `quantize_row_q8_0` / `q8_1`: `d = amax / 127` stored as f16 (round to nearest even, as
+//!   F16C does), `id = 127 / amax` (not `1 / d`, unlike the scalar reference), `q = x * id`
+//!   rounded to nearest *even* (`_mm256_round_ps`, not `roundf`); Q8_1's `s = f16(d * Σq)`.
+//!   `quantize_row_q8_K` is the reference `quantize_row_q8_K_ref` on every x86 build: the
+//!   signed element of largest magnitude (first on ties) gives `iscale = -127 / max`,
+//!   `q = nearest_int(iscale * x)` (the `+ 12582912` rounding trick), `d = 1 / iscale` in f32,
+//!   `bsums` per 16. Every quantized byte equals ggml's.
+//! - every integer block sum (exact, so any order and any SIMD width gives the same value),
+//!   and the float scale arithmetic per block: `Σq·(dx·dy)` for Q8_0/Q4_0/Q5_0,
+//!   `(dx·dy)·Σq + mx·sy` for Q4_1/Q5_1, `d·Σ(scale·Σq) − dmin·Σ(min·bsum)` with
+//!   `d = f16(x.d)·y.d` for the K-quants.
+//! - the same semantics on every path llama.cpp takes on this kind of CPU (Zen 4, AVX-512):
+//!   Q4_0 and Q4_K weights are repacked (`ggml-cpu/repack.cpp`, "CPU_REPACK" extra buffer
+//!   type: `q4_0_8x8_q8_0`, `q4_K_8x8_q8_K` when the rows are a multiple of 8), whose
+//!   `ggml_quantize_mat_q8_K_4x8` / `q8_0_4x8` quantize 4 rows at a time with the same
+//!   scale, rounding and `d` as the row quantizers (Q8_K's scale sign may come out flipped
+//!   on an exact ± tie, which flips `d` and every `q` together: the same products); the
+//!   K-quant "tiled" matmul (`ggml-cpu/tiled/`, batches of ≥ 8 rows) and llamafile's
+//!   `sgemm` (Q8_0/Q4_0/Q5_0 prefill) use the row quantizers' output. Q5_K, Q6_K and Q8_0
+//!   are not repacked on x86.
+//!
+//! Where this differs (float rounding only, about 1e-7 relative per dot product): ggml's
+//! SIMD kernels add the per-block terms in 8-lane registers with fused multiply-adds and
+//! sum the lanes at the end, and the repacked, tiled and sgemm kernels each have their own
+//! order; here each row's blocks are added one after the other, in block order, without
+//! fusing. The order is fixed, so the result does not depend on the thread count, and the
+//! SIMD builds of this module (the same code compiled for AVX2 or AVX-512 VNNI, selected at
+//! run time) give the bits of the portable build: only the exact integer part vectorises.
+//!
+//! Outside these products the engine still computes as HF does, not as llama.cpp: llama.cpp
+//! (without flash attention) stores K and V in f16 and rounds Q and the softmax
+//! probabilities to f16 for its two attention products (`vec_dot_type` of F16 is F16), and
+//! its RMSNorm sums squares in double and scales by `1 / sqrtf`. Those differences are about
+//! 1e-3 relative; an 8-bit activation quantizer turns them into whole-step flips of a few
+//! quants, so end-to-end agreement with llama.cpp is only as close as the model's
+//! sensitivity allows (measured per file by `tests/engine_gguf.rs`).
+
+use half::f16;
+
+use super::gguf::GgmlType;
+use super::gguf::quants::{f16_at, f16_to_f32, scale_min_k4};
+
+/// Elements per block of Q8_0 / Q8_1 (and of Q4_0, Q4_1, Q5_0, Q5_1).
+pub const QK8: usize = 32;
+/// Elements per super-block of Q8_K and the K-quants.
+pub const QK_K: usize = 256;
+
+/// One Q8_0 block of an activation row. `d` is the f16 scale, widened (exact).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockQ8_0 {
+    pub d: f32,
+    pub qs: [i8; QK8],
+}
+
+/// One Q8_1 block: as Q8_0 plus `s = d · Σ qs` (stored as f16 by ggml, widened here).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockQ8_1 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK8],
+}
+
+/// One Q8_K super-block: an f32 scale, 256 quants and their sums per 16.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+/// The type activations are quantized to for a weight type (ggml's `vec_dot_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VecDotType {
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+impl VecDotType {
+    /// ggml's `type_traits_cpu[ty].vec_dot_type` for the quantized types the engine reads;
+    /// `None` for float types (F32, F16, BF16), which take f32 activations here.
+    pub fn of(ty: GgmlType) -> Option<VecDotType> {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(VecDotType::Q8_0),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => Some(VecDotType::Q8_1),
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => Some(VecDotType::Q8K),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VecDotType::Q8_0 => "Q8_0",
+            VecDotType::Q8_1 => "Q8_1",
+            VecDotType::Q8K => "Q8_K",
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            VecDotType::Q8_0 | VecDotType::Q8_1 => QK8,
+            VecDotType::Q8K => QK_K,
+        }
+    }
+}
+
+/// Quantized activation rows `[t, k]`: `t * k / block_size` blocks, row after row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantRows {
+    Q8_0(Vec<BlockQ8_0>),
+    Q8_1(Vec<BlockQ8_1>),
+    Q8K(Vec<BlockQ8K>),
+}
+
+/// One quantized activation row.
+#[derive(Debug, Clone, Copy)]
+pub enum QuantRow<'a> {
+    Q8_0(&'a [BlockQ8_0]),
+    Q8_1(&'a [BlockQ8_1]),
+    Q8K(&'a [BlockQ8K]),
+}
+
+impl QuantRows {
+    /// Quantizes the rows of `x` (`[t, k]`, `k` a multiple of the block size) to `ty`.
+    pub fn quantize(ty: VecDotType, x: &[f32], k: usize) -> QuantRows {
+        debug_assert!(k.is_multiple_of(ty.block_size()) && x.len().is_multiple_of(k.max(1)));
+        match ty {
+            VecDotType::Q8_0 => QuantRows::Q8_0(x.as_chunks::<QK8>().0.iter().map(quantize_block_q8_0).collect()),
+            VecDotType::Q8_1 => QuantRows::Q8_1(x.as_chunks::<QK8>().0.iter().map(quantize_block_q8_1).collect()),
+            VecDotType::Q8K => QuantRows::Q8K(x.as_chunks::<QK_K>().0.iter().map(quantize_block_q8_k).collect()),
+        }
+    }
+
+    /// Row `i` of rows holding `blocks_per_row` blocks each.
+    pub fn row(&self, i: usize, blocks_per_row: usize) -> QuantRow<'_> {
+        let r = i * blocks_per_row..(i + 1) * blocks_per_row;
+        match self {
+            QuantRows::Q8_0(b) => QuantRow::Q8_0(&b[r]),
+            QuantRows::Q8_1(b) => QuantRow::Q8_1(&b[r]),
+            QuantRows::Q8K(b) => QuantRow::Q8K(&b[r]),
+        }
+    }
+
+    /// The blocks in ggml's memory layout (`block_q8_0`: f16 d, 32 × i8; `block_q8_1`: f16 d,
+    /// f16 s, 32 × i8; `block_q8_K`: f32 d, 256 × i8, 16 × i16), for comparing with ggml.
+    pub fn to_ggml_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let h = |v: f32| f16::from_f32(v).to_bits().to_le_bytes();
+        match self {
+            QuantRows::Q8_0(bs) => bs.iter().for_each(|b| {
+                out.extend(h(b.d));
+                out.extend(b.qs.iter().map(|&q| q as u8));
+            }),
+            QuantRows::Q8_1(bs) => bs.iter().for_each(|b| {
+                out.extend(h(b.d));
+                out.extend(h(b.s));
+                out.extend(b.qs.iter().map(|&q| q as u8));
+            }),
+            QuantRows::Q8K(bs) => bs.iter().for_each(|b| {
+                out.extend(b.d.to_le_bytes());
+                out.extend(b.qs.iter().map(|&q| q as u8));
+                b.bsums.iter().for_each(|s| out.extend(s.to_le_bytes()));
+            }),
+        }
+        out
+    }
+}
+
+/// An f32 rounded to f16 (nearest even, as F16C's `vcvtps2ph` with imm 0) and widened back.
+#[inline]
+fn round_f16(v: f32) -> f32 {
+    f16_to_f32(f16::from_f32(v).to_bits())
+}
+
+/// Largest magnitude of a block (`_mm256_max_ps` over `|x|`).
+#[inline]
+fn abs_max(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// `x · id` rounded to nearest even, as `_mm256_round_ps(_MM_ROUND_NEAREST)` then
+/// `_mm256_cvtps_epi32` and the saturating packs do.
+#[inline]
+fn quantize_block_8(x: &[f32; QK8], id: f32) -> [i8; QK8] {
+    x.map(|v| (v * id).round_ties_even() as i8)
+}
+
+/// ggml-cpu's x86 `quantize_row_q8_0`, one block.
+pub fn quantize_block_q8_0(x: &[f32; QK8]) -> BlockQ8_0 {
+    let amax = abs_max(x);
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    BlockQ8_0 { d: round_f16(d), qs: quantize_block_8(x, id) }
+}
+
+/// ggml-cpu's x86 `quantize_row_q8_1`, one block: Q8_0's quants and `s = f16(d · Σq)`
+/// with the unrounded f32 `d`.
+pub fn quantize_block_q8_1(x: &[f32; QK8]) -> BlockQ8_1 {
+    let amax = abs_max(x);
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let qs = quantize_block_8(x, id);
+    let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+    BlockQ8_1 { d: round_f16(d), s: round_f16(d * sum as f32), qs }
+}
+
+/// ggml's `nearest_int`: round to nearest even through the f32 adder (valid for
+/// `|v| ≤ 4194303`).
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12_582_912.0f32).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `quantize_row_q8_K_ref`, one super-block (what x86 builds run for Q8_K).
+pub fn quantize_block_q8_k(x: &[f32; QK_K]) -> BlockQ8K {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        return BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    }
+    let iscale = -127.0f32 / max;
+    let qs = x.map(|v| nearest_int(iscale * v).min(127) as i8);
+    let mut bsums = [0i16; QK_K / 16];
+    for (s, q) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| i16::from(v)).sum();
+    }
+    BlockQ8K { d: 1.0 / iscale, qs, bsums }
+}
+
+/// Why a weight row and an activation row cannot be multiplied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no quantized dot product for {weight} weights with {activations} activations")]
+pub struct DotTypeMismatch {
+    pub weight: GgmlType,
+    pub activations: &'static str,
+}
+
+/// Which build of the dot products runs: the same code compiled for more vector
+/// instructions; every build gives the same bits (see the module doc). Ordered: a level
+/// includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl SimdLevel {
+    /// The best build this CPU runs (checked at run time, cached by std).
+    pub fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                return SimdLevel::Avx512Vnni;
+            }
+            if has!("avx2") && has!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Portable => "portable",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// The dot product of one weight row (`w`: the row's bytes in type `ty`) with one quantized
+/// activation row, on the build `simd` (at most [`SimdLevel::detect`]: a higher level asked
+/// for runs the best this CPU has).
+pub fn vec_dot(ty: GgmlType, w: &[u8], a: QuantRow<'_>, simd: SimdLevel) -> Result<f32, DotTypeMismatch> {
+    let mut out = [0.0f32];
+    dot_rows(ty, w, w.len(), a, &mut out, simd)?;
+    Ok(out[0])
+}
+
+/// `out[r] = w_r · a` for the consecutive weight rows `w` (`row_bytes` each) against one
+/// activation row, on the build `simd` (at most [`SimdLevel::detect`]).
+pub fn dot_rows(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    a: QuantRow<'_>,
+    out: &mut [f32],
+    simd: SimdLevel,
+) -> Result<(), DotTypeMismatch> {
+    let mismatch = || DotTypeMismatch {
+        weight: ty,
+        activations: match a {
+            QuantRow::Q8_0(_) => "Q8_0",
+            QuantRow::Q8_1(_) => "Q8_1",
+            QuantRow::Q8K(_) => "Q8_K",
+        },
+    };
+    if VecDotType::of(ty).map(VecDotType::name) != Some(mismatch().activations) {
+        return Err(mismatch());
+    }
+    debug_assert!(w.len() >= out.len() * row_bytes);
+    let simd = simd.min(SimdLevel::detect());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let (GgmlType::Q8_0, QuantRow::Q8_0(y), true) = (ty, a, simd >= SimdLevel::Avx2) {
+            // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
+            unsafe { dot_rows_q8_0_avx2(w, row_bytes, y, out) };
+            return Ok(());
+        }
+        match simd {
+            SimdLevel::Avx512Vnni => {
+                // SAFETY: `simd` is at most what `SimdLevel::detect` found on this CPU.
+                unsafe { dot_rows_avx512(ty, w, row_bytes, a, out) };
+                return Ok(());
+            }
+            SimdLevel::Avx2 => {
+                // SAFETY: as above.
+                unsafe { dot_rows_avx2(ty, w, row_bytes, a, out) };
+                return Ok(());
+            }
+            SimdLevel::Portable => {}
+        }
+    }
+    let _ = simd;
+    dot_rows_body(ty, w, row_bytes, a, out);
+    Ok(())
+}
+
+/// [`dot_rows_body`] compiled for AVX-512 (VNNI, BW, VL).
+///
+/// # Safety
+/// The CPU must support AVX-512F, BW, VL and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_rows_avx512(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out: &mut [f32]) {
+    dot_rows_body(ty, w, row_bytes, a, out)
+}
+
+/// [`dot_rows_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_avx2(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out: &mut [f32]) {
+    dot_rows_body(ty, w, row_bytes, a, out)
+}
+
+/// One type dispatch for a run of rows; the caller checked that `a` fits `ty`. Plain index
+/// loops (no iterator adaptors such as `for_each`, whose out-of-line bodies would be
+/// compiled without the caller's target features).
+#[inline(always)]
+#[expect(clippy::needless_range_loop, reason = "index loops keep the row loop inside the target-feature builds")]
+fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out: &mut [f32]) {
+    let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    let n = out.len();
+    match (ty, a) {
+        (GgmlType::Q8_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q8_0(row(r), y);
+            }
+        }
+        (GgmlType::Q4_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_0(row(r), y);
+            }
+        }
+        (GgmlType::Q5_0, QuantRow::Q8_0(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_0(row(r), y);
+            }
+        }
+        (GgmlType::Q4_1, QuantRow::Q8_1(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_1(row(r), y);
+            }
+        }
+        (GgmlType::Q5_1, QuantRow::Q8_1(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_1(row(r), y);
+            }
+        }
+        (GgmlType::Q4K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q4_k(row(r), y);
+            }
+        }
+        (GgmlType::Q5K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q5_k(row(r), y);
+            }
+        }
+        (GgmlType::Q6K, QuantRow::Q8K(y)) => {
+            for r in 0..n {
+                out[r] = dot_q6_k(row(r), y);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// [`dot_q8_0`] over rows with the block's integer sum in AVX2 (`|x|·sign(y, x)` through
+/// `maddubs`, which cannot saturate: |x| ≤ 128, |y| ≤ 127), the same exact `i32` and the same
+/// float steps, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_q8_0_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8_0], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = (row_bytes / 34).min(y.len());
+    for r in 0..out.len() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut sumf = 0.0f32;
+        for i in 0..nb {
+            let b = &row[34 * i..34 * i + 34];
+            let yb = &y[i];
+            // SAFETY: `b[2..34]` and `yb.qs` hold 32 bytes each; unaligned loads.
+            let isum = unsafe {
+                let vx = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+                let vy = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(vx, vx), _mm256_sign_epi8(vy, vx));
+                let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(p32), _mm256_extracti128_si256(p32, 1));
+                let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+                let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+                _mm_cvtsi128_si32(s1)
+            };
+            sumf += isum as f32 * (f16_at(b, 0) * yb.d);
+        }
+        out[r] = sumf;
+    }
+}
+
+/// `Σ a[i]·b[i]` over 32 signed bytes, exact in i32.
+#[inline(always)]
+fn isum32(a: &[i8; 32], b: &[i8; 32]) -> i32 {
+    let mut s = 0i32;
+    for i in 0..32 {
+        s += i32::from(a[i]) * i32::from(b[i]);
+    }
+    s
+}
+
+/// `Σ a[i]·b[i]` over 16 signed bytes, exact in i32.
+#[inline(always)]
+fn isum16(a: &[i8], b: &[i8]) -> i32 {
+    let mut s = 0i32;
+    for i in 0..16 {
+        s += i32::from(a[i]) * i32::from(b[i]);
+    }
+    s
+}
+
+// ---- 32-element blocks against Q8_0 / Q8_1 ------------------------------------------
+
+/// Q8_0 (34 bytes: f16 d, 32 × i8) · Q8_0: `Σ_b Σq·(dx·dy)`.
+#[inline(always)]
+fn dot_q8_0(w: &[u8], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<34>().0.iter().zip(y) {
+        let q: [i8; 32] = std::array::from_fn(|j| b[2 + j] as i8);
+        sumf += isum32(&q, &yb.qs) as f32 * (f16_at(b, 0) * yb.d);
+    }
+    sumf
+}
+
+/// Q4_0 (18 bytes: f16 d, 16 bytes of nibbles; element j the low nibble of byte j, element
+/// j + 16 its high nibble; value q − 8) · Q8_0.
+#[inline(always)]
+fn dot_q4_0(w: &[u8], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<18>().0.iter().zip(y) {
+        let q: [i8; 32] = std::array::from_fn(|j| ((b[2 + j % 16] >> (4 * (j / 16))) & 0x0F) as i8 - 8);
+        sumf += isum32(&q, &yb.qs) as f32 * (f16_at(b, 0) * yb.d);
+    }
+    sumf
+}
+
+/// The fifth bit of element `j` of a Q5 block, shifted to bit 4.
+#[inline(always)]
+fn q5_bit(qh: u32, j: usize) -> u8 {
+    (((qh >> j) & 1) as u8) << 4
+}
+
+/// Q5_0 (22 bytes: f16 d, u32 high bits, 16 bytes of nibbles; value q − 16) · Q8_0.
+#[inline(always)]
+fn dot_q5_0(w: &[u8], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<22>().0.iter().zip(y) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let q: [i8; 32] =
+            std::array::from_fn(|j| (((b[6 + j % 16] >> (4 * (j / 16))) & 0x0F) | q5_bit(qh, j)) as i8 - 16);
+        sumf += isum32(&q, &yb.qs) as f32 * (f16_at(b, 0) * yb.d);
+    }
+    sumf
+}
+
+/// Q4_1 (20 bytes: f16 d, f16 m, nibbles; value d·q + m) · Q8_1: `(dx·dy)·Σq + mx·sy`.
+#[inline(always)]
+fn dot_q4_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<20>().0.iter().zip(y) {
+        let q: [i8; 32] = std::array::from_fn(|j| ((b[4 + j % 16] >> (4 * (j / 16))) & 0x0F) as i8);
+        let isum = isum32(&q, &yb.qs);
+        sumf += (f16_at(b, 0) * yb.d) * isum as f32 + f16_at(b, 2) * yb.s;
+    }
+    sumf
+}
+
+/// Q5_1 (24 bytes: f16 d, f16 m, u32 high bits, nibbles) · Q8_1, as Q4_1.
+#[inline(always)]
+fn dot_q5_1(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<24>().0.iter().zip(y) {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let q: [i8; 32] = std::array::from_fn(|j| (((b[8 + j % 16] >> (4 * (j / 16))) & 0x0F) | q5_bit(qh, j)) as i8);
+        let isum = isum32(&q, &yb.qs);
+        sumf += (f16_at(b, 0) * yb.d) * isum as f32 + f16_at(b, 2) * yb.s;
+    }
+    sumf
+}
+
+// ---- K-quants against Q8_K -------------------------------------------------------------
+
+/// `Σ_j min_j · (bsums[2j] + bsums[2j+1])` of a Q4_K/Q5_K super-block, exact.
+#[inline(always)]
+fn mins_dot_bsums(scales: &[u8], bsums: &[i16; 16]) -> i32 {
+    (0..8).map(|j| i32::from(scale_min_k4(j, scales).1) * (i32::from(bsums[2 * j]) + i32::from(bsums[2 * j + 1]))).sum()
+}
+
+/// Q4_K (144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of
+/// nibbles; sub-block 2c the low nibbles of bytes 32c..32c+32, 2c+1 their high nibbles) ·
+/// Q8_K: `d·Σ_j sc_j·Σq − dmin·Σ_j m_j·bsum_j` with `d = f16(x.d)·y.d`.
+#[inline(always)]
+fn dot_q4_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<144>().0.iter().zip(y) {
+        let scales = &b[4..16];
+        let qs = &b[16..144];
+        let mut isum = 0i32;
+        for j in 0..8 {
+            let (c, shift) = (j / 2, 4 * (j % 2));
+            let q: [i8; 32] = std::array::from_fn(|l| ((qs[32 * c + l] >> shift) & 0x0F) as i8);
+            let y32 = &yb.qs.as_chunks::<32>().0[j];
+            isum += i32::from(scale_min_k4(j, scales).0) * isum32(&q, y32);
+        }
+        let d = f16_at(b, 0) * yb.d;
+        let dmin = f16_at(b, 2) * yb.d;
+        sumf += d * isum as f32;
+        sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+    }
+    sumf
+}
+
+/// Q5_K (176 bytes: f16 d, f16 dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of
+/// nibbles; bit j of qh[l] is the fifth bit of element l of sub-block j) · Q8_K, as Q4_K.
+#[inline(always)]
+fn dot_q5_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<176>().0.iter().zip(y) {
+        let scales = &b[4..16];
+        let qh = &b[16..48];
+        let qs = &b[48..176];
+        let mut isum = 0i32;
+        for j in 0..8 {
+            let (c, shift) = (j / 2, 4 * (j % 2));
+            let q: [i8; 32] =
+                std::array::from_fn(|l| (((qs[32 * c + l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4)) as i8);
+            let y32 = &yb.qs.as_chunks::<32>().0[j];
+            isum += i32::from(scale_min_k4(j, scales).0) * isum32(&q, y32);
+        }
+        let d = f16_at(b, 0) * yb.d;
+        let dmin = f16_at(b, 2) * yb.d;
+        sumf += d * isum as f32;
+        sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+    }
+    sumf
+}
+
+/// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, 16 × i8 scales, f16 d;
+/// in half h, element 32k + l takes nibble k/2 of ql[64h + 32(k%2) + l] and bits 2k..2k+2
+/// of qh[32h + l]; value q − 32; 16 elements share a scale) · Q8_K: `d·Σ_g sc_g·Σq`.
+#[inline(always)]
+fn dot_q6_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (b, yb) in w.as_chunks::<210>().0.iter().zip(y) {
+        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+        let mut isum = 0i32;
+        for h in 0..2 {
+            for k in 0..4 {
+                let shift = 4 * (k / 2);
+                let ql = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+                let qh = &qh[32 * h..32 * h + 32];
+                let q: [i8; 32] =
+                    std::array::from_fn(|l| (((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * k)) & 3) << 4)) as i8 - 32);
+                let i0 = 128 * h + 32 * k;
+                let yq = &yb.qs[i0..i0 + 32];
+                isum += i32::from(scales[i0 / 16] as i8) * isum16(&q[..16], &yq[..16]);
+                isum += i32::from(scales[i0 / 16 + 1] as i8) * isum16(&q[16..], &yq[16..]);
+            }
+        }
+        sumf += (f16_at(b, 208) * yb.d) * isum as f32;
+    }
+    sumf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::gguf::quants;
+
+    /// Pseudo-random values in about [-scale, scale].
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    }
+
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        values(n, seed, 1.0).iter().map(|v| ((v + 1.0) * 127.9) as u8).collect()
+    }
+
+    /// Random weight blocks of `ty` with sane f16 scales.
+    fn weight_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
+        let (bs, ts) = ty.block_layout();
+        let (bs, ts) = (bs as usize, ts as usize);
+        let mut w = bytes(k / bs * ts, seed);
+        let half = |v: f32| f16::from_f32(v).to_bits().to_le_bytes();
+        for b in w.chunks_exact_mut(ts) {
+            match ty {
+                GgmlType::Q6K => b[208..210].copy_from_slice(&half(0.01)),
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                    b[0..2].copy_from_slice(&half(0.02));
+                    b[2..4].copy_from_slice(&half(-0.03));
+                }
+                _ => b[0..2].copy_from_slice(&half(0.05)),
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn quantizers_match_their_definitions() {
+        let x = values(256, 7, 3.0);
+        let b = quantize_block_q8_0(x[..32].try_into().unwrap());
+        let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(b.d, f16::from_f32(amax / 127.0).to_f32());
+        assert!(b.qs.iter().any(|&q| q == 127 || q == -127));
+        // round half to even: 0.5 and 2.5 at id = 1 (amax = 127)
+        let mut h = [0.0f32; 32];
+        h[0] = 127.0;
+        h[1] = 0.5;
+        h[2] = 2.5;
+        h[3] = -1.5;
+        assert_eq!(&quantize_block_q8_0(&h).qs[..4], &[127, 0, 2, -2]);
+        let k = quantize_block_q8_k(x[..].try_into().unwrap());
+        let imax = x.iter().enumerate().fold(0, |m, (i, v)| if v.abs() > x[m].abs() { i } else { m });
+        assert_eq!(k.qs[imax], -127);
+        assert_eq!(k.bsums[3], k.qs[48..64].iter().map(|&q| q as i16).sum::<i16>());
+        assert_eq!(quantize_block_q8_k(&[0.0; 256]).d, 0.0);
+        assert_eq!(nearest_int(2.5), 2);
+        assert_eq!(nearest_int(-3.5), -4);
+    }
+
+    /// Every dot product equals the f64 sum of the dequantized weights times the
+    /// dequantized activations, within the f32 rounding of the block terms.
+    #[test]
+    fn dot_products_are_dequantized_dot_products() {
+        let k = 512;
+        let x = values(k, 3, 2.0);
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
+            let vdt = VecDotType::of(ty).unwrap();
+            let a = QuantRows::quantize(vdt, &x, k);
+            let w = weight_row(ty, k, 11);
+            let mut wf = vec![0f32; k];
+            quants::dequantize_seq(ty, &w, &mut wf).unwrap();
+            let xf: Vec<f32> = match &a {
+                QuantRows::Q8_0(b) => b.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect(),
+                QuantRows::Q8_1(b) => b.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect(),
+                QuantRows::Q8K(b) => b.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect(),
+            };
+            let want: f64 = wf.iter().zip(&xf).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mag: f64 = wf.iter().zip(&xf).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let row = a.row(0, k / vdt.block_size());
+            let got = vec_dot(ty, &w, row, SimdLevel::Portable).unwrap();
+            // Q4_1/Q5_1 use s = f16(d·Σq) for the offset term: f16 rounding of that term
+            let tol = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) { 2e-3 } else { 1e-5 };
+            assert!((got as f64 - want).abs() <= tol * mag, "{ty}: {got} vs {want} (Σ|terms| {mag})");
+            for simd in [SimdLevel::Avx2, SimdLevel::Avx512Vnni] {
+                if simd == SimdLevel::Avx512Vnni && SimdLevel::detect() != SimdLevel::Avx512Vnni {
+                    continue;
+                }
+                if simd == SimdLevel::Avx2 && SimdLevel::detect() == SimdLevel::Portable {
+                    continue;
+                }
+                assert_eq!(vec_dot(ty, &w, row, simd).unwrap().to_bits(), got.to_bits(), "{ty} {simd:?}");
+            }
+        }
+        let a = QuantRows::quantize(VecDotType::Q8_0, &x, k);
+        assert!(vec_dot(GgmlType::Q4K, &weight_row(GgmlType::Q4K, k, 1), a.row(0, 16), SimdLevel::Portable).is_err());
+    }
+}
