@@ -263,13 +263,8 @@ def step_bench(ctx, args, res):
     else:
         res["llamacpp_build"] = {"error": f"{bb} not built"}
     res["bandwidth"] = gpu_run.measure_bandwidth()
-    tmpl = json.loads(Path(args.template).read_text())
-    ids = [t for p in tmpl["prompts"] for t in p["token_ids"]]
+    over = gpu_run.bench_overrides(args.template, args.prompt_tokens, args.decode_steps)
     n = args.prompt_tokens
-    ids = (ids * (n // len(ids) + 1))[:n]
-    prompt = [{"id": f"bench-{n}", "token_ids": ids, "positions": [n - 1]}]
-    over = dict(prompts=prompt, captures={"points": [], "layers": []}, decode_steps=args.decode_steps,
-                warmup=1, repeats=3)
     done_path = ctx.work / "bench.done.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     for m in [x for x in args.bench_models.split(",") if x]:

@@ -202,16 +202,22 @@ def parity(ctx, args):
         ctx.save("parity")
 
 
+def bench_overrides(template, prompt_tokens, decode_steps):
+    """Request fields of a timed run: one prompt of `prompt_tokens` ids (the template's ids,
+    repeated), no captures, greedy decode, warmup 1, repeats 3."""
+    tmpl = json.loads(Path(template).read_text())
+    ids = [t for p in tmpl["prompts"] for t in p["token_ids"]]
+    n = prompt_tokens
+    ids = (ids * (n // len(ids) + 1))[:n]
+    prompt = [{"id": f"bench-{n}", "token_ids": ids, "positions": [n - 1]}]
+    return dict(prompts=prompt, captures={"points": [], "layers": []}, decode_steps=decode_steps,
+                warmup=1, repeats=3)
+
+
 def bench(ctx, args):
     """Timed runs: one long prompt, greedy decode; warmup 1, repeats 3."""
     mdir = Path(args.bench_dir)
-    tmpl = json.loads(Path(args.template).read_text())
-    ids = [t for p in tmpl["prompts"] for t in p["token_ids"]]
-    n = args.prompt_tokens
-    ids = (ids * (n // len(ids) + 1))[:n]
-    prompt = [{"id": f"bench-{n}", "token_ids": ids, "positions": [n - 1]}]
-    over = dict(prompts=prompt, captures={"points": [], "layers": []}, decode_steps=args.decode_steps,
-                warmup=1, repeats=3)
+    over = bench_overrides(args.template, args.prompt_tokens, args.decode_steps)
     ctx.results["bandwidth"] = measure_bandwidth()
     for m in args.models.split(","):
         md = mdir / m
