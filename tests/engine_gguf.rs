@@ -29,7 +29,6 @@ use paritybench::metrics::{self, LayerValues, Report};
 use paritybench::protocol::{Dump, Request};
 use support::{engine_run, stderr};
 
-const GGUF_MODELS: [&str; 3] = ["qwen3-dense", "qwen3-moe", "qwen2"];
 /// Quantized files and the llama.cpp reference of each.
 const QUANTS: [(&str, &str); 4] = [
     ("Q8_0", "llamacpp-q8_0"),
@@ -462,15 +461,23 @@ fn safetensors_incremental_qwen2() {
     safetensors_f32("qwen2", "hf-fp32-eager-incremental");
 }
 
-/// Every GGUF file type the fixtures hold loads, reports its type, and runs one prompt
-/// with the embedded tokenizer agreeing with the suite's token ids.
+/// Every GGUF file type loads, reports its type, and runs one prompt with the embedded
+/// tokenizer agreeing with the suite's token ids: all eleven types `tests/support/gguf_make.py`
+/// writes (F32, F16, BF16 and eight quantizations, from the real converter and
+/// `llama-quantize`) for Qwen3 dense and MoE, and the types `runner fixtures build` writes
+/// for Qwen2. The prompts are the fixtures' (the same Qwen3 tokenizer throughout).
 #[test]
 fn every_gguf_file_type_runs() {
     const ALL: [&str; 11] = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0"];
-    for model in GGUF_MODELS {
+    let test_gguf = fixtures().parent().unwrap().join("test-gguf");
+    let sets: [(&str, Vec<(&str, PathBuf)>); 3] = [
+        ("qwen3-dense", ALL.iter().map(|q| (*q, test_gguf.join(format!("qwen3-dense/qwen3-dense-{q}.gguf")))).collect()),
+        ("qwen3-moe", ALL.iter().map(|q| (*q, test_gguf.join(format!("qwen3-moe/qwen3-moe-{q}.gguf")))).collect()),
+        ("qwen2", paritybench::fixtures::build::GGUF_QUANTS.iter().map(|q| (*q, gguf_file("qwen2", q))).collect()),
+    ];
+    for (model, files) in sets {
         let [req_path, _] = ref_paths(model, "llamacpp-f16");
-        let files: Vec<PathBuf> = ALL.iter().map(|q| gguf_file(model, q)).collect();
-        let mut need = files.clone();
+        let mut need: Vec<PathBuf> = files.iter().map(|(_, f)| f.clone()).collect();
         need.push(req_path.clone());
         if !present(&format!("every GGUF file type of {model}"), &need) {
             continue;
@@ -480,8 +487,9 @@ fn every_gguf_file_type_runs() {
         req.prompts.retain(|p| p.id == "chat-single" || p.id == "prose-en");
         req.captures.points.clear();
         req.decode_steps = 2;
-        for (quant, file) in ALL.iter().zip(&files) {
+        for (quant, file) in &files {
             req.model.path = file.clone();
+            req.model.sha256 = None;
             let rp = tmp.path().join(format!("{quant}.json"));
             req.save(&rp).unwrap();
             let out = tmp.path().join(quant);
