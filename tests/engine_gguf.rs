@@ -471,7 +471,10 @@ fn every_gguf_file_type_runs() {
     const ALL: [&str; 11] = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0"];
     let test_gguf = fixtures().parent().unwrap().join("test-gguf");
     let sets: [(&str, Vec<(&str, PathBuf)>); 3] = [
-        ("qwen3-dense", ALL.iter().map(|q| (*q, test_gguf.join(format!("qwen3-dense/qwen3-dense-{q}.gguf")))).collect()),
+        (
+            "qwen3-dense",
+            ALL.iter().map(|q| (*q, test_gguf.join(format!("qwen3-dense/qwen3-dense-{q}.gguf")))).collect(),
+        ),
         ("qwen3-moe", ALL.iter().map(|q| (*q, test_gguf.join(format!("qwen3-moe/qwen3-moe-{q}.gguf")))).collect()),
         ("qwen2", paritybench::fixtures::build::GGUF_QUANTS.iter().map(|q| (*q, gguf_file("qwen2", q))).collect()),
     ];

@@ -358,11 +358,15 @@ fn check_dashboard(w: &World, shas: &[String; 3]) {
     assert_eq!(p0["engine_continuation"].as_array().unwrap().len(), 8);
     assert_eq!(p0["matching_steps"], 8);
     // decoded by the tokenizer: no `<id>` placeholder (what a missing tokenizer gives)
-    let pieces: Vec<&str> = p0["reference_continuation"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let pieces: Vec<&str> =
+        p0["reference_continuation"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let placeholder = |s: &str| {
         s.len() > 2 && s.starts_with('<') && s.ends_with('>') && s[1..s.len() - 1].bytes().all(|b| b.is_ascii_digit())
     };
-    assert!(!pieces.iter().any(|p| placeholder(p)) && !pieces.concat().trim().is_empty(), "decoded to text: {pieces:?}");
+    assert!(
+        !pieces.iter().any(|p| placeholder(p)) && !pieces.concat().trim().is_empty(),
+        "decoded to text: {pieces:?}"
+    );
     assert_eq!(r["repro"], format!("runner once --commit {} --engine paritybench --suite default", shas[2]));
     let page = get(addr, &format!("/runs/{bad_run}")).body;
     assert!(page.contains("Per-layer divergence") && page.contains("greedy agrees for 8 of 32 steps"), "{page}");
