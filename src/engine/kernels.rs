@@ -349,6 +349,20 @@ pub fn rope_cos_sin(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f3
     }
 }
 
+/// The cos and sin of one position as ggml-cpu computes them (`ggml_rope_cache_init`):
+/// the angle of pair `i` is `pos * theta_scale^i` by repeated f32 multiplication, with
+/// `theta_scale = powf(base, -2 / head_dim)`. Up to ~1e-5 rad from HF's angles at a few
+/// hundred positions, which moves values across the f16 rounding of llama.cpp's K cache.
+pub fn rope_cos_sin_ggml(pos: usize, base: f32, cos: &mut [f32], sin: &mut [f32]) {
+    let theta_scale = base.powf(-2.0 / (2 * cos.len()) as f32);
+    let mut theta = pos as f32;
+    for (c, s) in cos.iter_mut().zip(sin.iter_mut()) {
+        *c = theta.cos();
+        *s = theta.sin();
+        theta *= theta_scale;
+    }
+}
+
 /// Rotates every head of one row in place, HF's `rotate_half` convention: the pairs are
 /// `(x[i], x[i + half])`. `x`: `[n_heads * head_dim]`; `cos`, `sin`: `[head_dim / 2]`.
 pub fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -374,6 +388,13 @@ pub fn softmax_in_place(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Rounds every value to the nearest f16 (ties to even), as ggml's f32 -> f16 conversion.
+pub fn round_to_f16(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
     }
 }
 
@@ -414,6 +435,10 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// llama.cpp's CPU attention numerics (K/V cache in f16, no flash attention): the
+    /// probabilities are rounded to f16 before the product with V, as ggml converts them to
+    /// V's type. The caller rounds Q, K and V to f16 (ggml converts Q to K's type).
+    pub f16_probs: bool,
 }
 
 /// Causal grouped-query attention: query head `h` reads key/value head
@@ -437,6 +462,9 @@ pub fn attention(out: &mut [f32], q: &[f32], k_cache: &[f32], v_cache: &[f32], s
         scores
             .extend((0..n_keys).map(|j| dot(qh, &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale));
         softmax_in_place(scores);
+        if s.f16_probs {
+            round_to_f16(scores);
+        }
         o.fill(0.0);
         for (j, &p) in scores.iter().enumerate() {
             let vj = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
@@ -563,7 +591,7 @@ mod tests {
     #[test]
     fn attention_is_causal_and_grouped() {
         // 2 query heads share 1 kv head; head_dim 2; 3 positions.
-        let s = AttnShape { t: 3, pos0: 0, n_heads: 2, n_kv_heads: 1, head_dim: 2 };
+        let s = AttnShape { t: 3, pos0: 0, n_heads: 2, n_kv_heads: 1, head_dim: 2, f16_probs: false };
         let q = vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
         let k = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         let v = vec![10.0, 0.0, 0.0, 20.0, 5.0, 5.0];
@@ -576,5 +604,43 @@ mod tests {
         let mut o1 = vec![0.0; 4];
         attention(&mut o1, &q[8..12], &k, &v, s1);
         assert_eq!(&o1[..], &out[8..12]);
+    }
+    #[test]
+    fn ggml_rope_angles_are_a_running_product() {
+        let (half, base) = (32usize, 1.0e6f32);
+        let (mut c, mut s) = (vec![0.0; half], vec![0.0; half]);
+        rope_cos_sin_ggml(300, base, &mut c, &mut s);
+        // the angle of pair i is 300 * scale^i, multiplied out one f32 step at a time
+        let scale = base.powf(-2.0 / 64.0);
+        let mut theta = 300.0f32;
+        for i in 0..half {
+            assert_eq!((c[i].to_bits(), s[i].to_bits()), (theta.cos().to_bits(), theta.sin().to_bits()), "pair {i}");
+            theta *= scale;
+        }
+        // HF's angles (300 * inv_freq[i], one rounding) are not those: the difference is
+        // what moves values across the f16 rounding of llama.cpp's K cache
+        let (mut hc, mut hs) = (vec![0.0; half], vec![0.0; half]);
+        rope_cos_sin(300, &rope_inv_freq(64, base as f64), &mut hc, &mut hs);
+        assert_eq!(c[0], hc[0]);
+        assert!(c.iter().zip(&hc).any(|(a, b)| a != b));
+        let worst = c.iter().zip(&hc).chain(s.iter().zip(&hs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{worst}");
+    }
+
+    #[test]
+    fn f16_probabilities_are_rounded_before_the_product_with_v() {
+        // one head, 3 keys: the last query row sees all three; V = identity rows pick out
+        // each probability, so the output is the probabilities as they entered the product
+        let s = AttnShape { t: 3, pos0: 0, n_heads: 1, n_kv_heads: 1, head_dim: 3, f16_probs: true };
+        let q = vec![0.3, -0.2, 0.7, 0.11, 0.5, -0.9, 0.2, 0.1, 0.4];
+        let k = vec![0.9, 0.1, -0.3, 0.2, 0.8, 0.05, -0.4, 0.33, 0.6];
+        let v = vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+        let (mut half, mut full) = (vec![0.0; 9], vec![0.0; 9]);
+        attention(&mut half, &q, &k, &v, s);
+        attention(&mut full, &q, &k, &v, AttnShape { f16_probs: false, ..s });
+        let mut rounded = full[6..9].to_vec();
+        round_to_f16(&mut rounded);
+        assert_eq!(&half[6..9], &rounded[..]);
+        assert_ne!(&half[6..9], &full[6..9]);
     }
 }

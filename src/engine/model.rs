@@ -231,8 +231,15 @@ pub struct Model {
     pub lm_head: Option<Matrix>,
     /// How matmuls with quantized weights compute (default: as llama.cpp's CPU backend).
     pub quant_dot: QuantDot,
+    /// llama.cpp's CPU numerics where they differ from HF FP32 by more than an ulp: RoPE
+    /// angles as ggml computes them, Q, K and V rounded to f16 (its K/V cache type, and the
+    /// type ggml converts Q to for the product with K), the probabilities rounded to f16 for
+    /// the product with V. Off: everything in f32, as HF FP32.
+    pub llamacpp_numerics: bool,
     /// `[head_dim / 2]`
     inv_freq: Vec<f32>,
+    /// RoPE θ (ggml's `freq_base`), for [`Model::llamacpp_numerics`].
+    rope_base: f32,
     /// Tensors in the file that no role asked for (reported, not fatal).
     pub unused_tensors: Vec<String>,
     /// The bug injected for the mutation tests ([`super::mutation`]).
@@ -409,7 +416,7 @@ impl Model {
             tracing::warn!(count = unused_tensors.len(), first = %unused_tensors[0], "tensors in the checkpoint that the model does not use");
         }
         #[cfg(not(feature = "mutation-testing"))]
-        let inv_freq = kernels::rope_inv_freq(c.head_dim, c.rope_theta);
+        let (inv_freq, rope_base) = (kernels::rope_inv_freq(c.head_dim, c.rope_theta), c.rope_theta as f32);
         #[cfg(not(feature = "mutation-testing"))]
         return Ok(Model {
             config,
@@ -418,7 +425,9 @@ impl Model {
             norm,
             lm_head,
             quant_dot: QuantDot::default(),
+            llamacpp_numerics: false,
             inv_freq,
+            rope_base,
             unused_tensors,
         });
 
@@ -426,7 +435,8 @@ impl Model {
         {
             use super::mutation;
             let m = mutation::Mutation::from_env()?;
-            let inv_freq = kernels::rope_inv_freq(c.head_dim, mutation::rope_theta(m, c.rope_theta));
+            let theta = mutation::rope_theta(m, c.rope_theta);
+            let (inv_freq, rope_base) = (kernels::rope_inv_freq(c.head_dim, theta), theta as f32);
             let mut model = Model {
                 config,
                 embed_tokens,
@@ -434,7 +444,9 @@ impl Model {
                 norm,
                 lm_head,
                 quant_dot: QuantDot::default(),
+                llamacpp_numerics: false,
                 inv_freq,
+                rope_base,
                 unused_tensors,
                 mutation: m,
             };
@@ -507,12 +519,12 @@ impl Model {
         // RoPE cos/sin of this call's positions. [t, head_dim / 2] each
         let half = hd / 2;
         for ti in 0..t {
-            kernels::rope_cos_sin(
-                pos0 + ti,
-                &self.inv_freq,
-                &mut s.cos[ti * half..(ti + 1) * half],
-                &mut s.sin[ti * half..(ti + 1) * half],
-            );
+            let (cs, sn) = (&mut s.cos[ti * half..(ti + 1) * half], &mut s.sin[ti * half..(ti + 1) * half]);
+            if self.llamacpp_numerics {
+                kernels::rope_cos_sin_ggml(pos0 + ti, self.rope_base, cs, sn);
+            } else {
+                kernels::rope_cos_sin(pos0 + ti, &self.inv_freq, cs, sn);
+            }
         }
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -540,6 +552,12 @@ impl Model {
             #[cfg(feature = "mutation-testing")]
             super::mutation::after_rope(self.mutation, &mut s.q, c.q_dim(), &self.inv_freq);
 
+            if self.llamacpp_numerics {
+                for buf in [&mut s.q, &mut s.k, &mut s.v] {
+                    kernels::round_to_f16(buf);
+                }
+            }
+
             // 5. Append k, v to the cache; causal GQA attention over positions 0..pos0 + t.
             let (kc, vc) = cache.layer_mut(li);
             let kv = c.kv_dim();
@@ -549,7 +567,14 @@ impl Model {
             let w0 = super::mutation::kv_write_start(self.mutation, pos0);
             kc[w0 * kv..(w0 + t) * kv].copy_from_slice(&s.k);
             vc[w0 * kv..(w0 + t) * kv].copy_from_slice(&s.v);
-            let shape = AttnShape { t, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
+            let shape = AttnShape {
+                t,
+                pos0,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                f16_probs: self.llamacpp_numerics,
+            };
             let (keys, values) = (&kc[..(pos0 + t) * kv], &vc[..(pos0 + t) * kv]);
             #[cfg(not(feature = "mutation-testing"))]
             kernels::attention(&mut s.attn, &s.q, keys, values, shape);

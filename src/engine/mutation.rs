@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn unmasked_attention_lets_the_first_row_see_the_last_key() {
         // 1 head, head_dim 1, 2 positions: causal row 0 sees only value 0.
-        let s = AttnShape { t: 2, pos0: 0, n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let s = AttnShape { t: 2, pos0: 0, n_heads: 1, n_kv_heads: 1, head_dim: 1, f16_probs: false };
         let (q, k, v) = ([1.0f32, 1.0], [0.0f32, 0.0], [1.0f32, 3.0]);
         let mut causal = [0.0f32; 2];
         attention(None, &mut causal, &q, &k, &v, s);

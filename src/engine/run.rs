@@ -82,6 +82,12 @@ pub fn run(request_path: &Path, out: &Path, command: Vec<String>) -> Result<Mani
     let t_load = Instant::now();
     let mut loaded = load_model(&req.model)?;
     loaded.model.quant_dot = quant_dot;
+    // llama.cpp's numerics go together: where the matmuls quantize activations as ggml-cpu
+    // does, attention rounds as its f16 K/V cache does.
+    loaded.model.llamacpp_numerics = loaded.format == "gguf"
+        && backend.name() == "cpu"
+        && quant_dot == QuantDot::Ggml
+        && loaded.model.has_quantized_weights();
     if loaded.format == "gguf" {
         note_gguf_compute(&mut loaded, backend.name());
     }
@@ -242,7 +248,9 @@ fn note_gguf_compute(loaded: &mut LoadedModel, backend: &str) {
             "weights kept in their GGUF types ({quant}); matmuls with quantized weights quantize each activation row \
              to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K) as ggml-cpu does and take integer block dot \
              products with ggml's scale arithmetic (llama.cpp's CPU numerics; f32 accumulation in block order); \
-             F16/BF16/F32 weights widened to f32 in the dot product; every other operation in f32"
+             F16/BF16/F32 weights widened to f32 in the dot product; RoPE angles as ggml computes them; attention \
+             as llama.cpp's CPU backend without flash attention: K and V cached in f16, Q and the softmax \
+             probabilities rounded to f16 for the two products, f32 accumulation; every other operation in f32"
         ),
         ("cpu", true, QuantDot::F32) => format!(
             "weights kept in their GGUF types ({quant}), dequantized to f32 inside each matmul (the values of \
