@@ -38,7 +38,7 @@ from gguf_meta import ASSUMED, GgufError, GgufHeader, read_header  # noqa: E402
 
 ENGINE_NAME = "llama.cpp"
 SDIST_DEFAULT = "llama-cpp-python 0.3.36 sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-OPTION_KEYS = {"backend", "n_threads", "top_k", "llama_server", "server_timeout_s"}
+OPTION_KEYS = {"backend", "n_threads", "top_k", "llama_server", "server_timeout_s", "flash_attn"}
 NO_CAPTURES = ("llama-cpp-python exposes logits and pooled embeddings only; per-layer tensors "
                "would need a ggml eval callback in C, which this adapter does not install")
 NO_CAPTURES_SERVER = "llama-server returns token probabilities only; it has no per-layer tensors"
@@ -214,6 +214,12 @@ def check_request(req: pbproto.Request) -> tuple[str, GgufHeader]:
     for key in ("n_threads", "top_k", "server_timeout_s"):
         if key in opts and (not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1):
             raise AdapterError(f"{req.path}: invalid field `options.{key}`: {opts[key]!r} (a positive integer)")
+    if "flash_attn" in opts:
+        if not isinstance(opts["flash_attn"], bool):
+            raise AdapterError(f"{req.path}: invalid field `options.flash_attn`: {opts['flash_attn']!r} (true or false)")
+        if backend != "library":
+            raise AdapterError(f"{req.path}: invalid field `options.flash_attn`: it applies to the library backend "
+                               "(llama-server takes its own --flash-attn flag)")
     if req.dtype not in ("auto", "f32"):
         raise AdapterError(f"{req.path}: invalid field `dtype`: {req.dtype!r}: llama.cpp computes activations in f32 "
                            "with the weights as the GGUF stores them; ask for auto or f32 and pick the GGUF's quant instead")
@@ -329,6 +335,9 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
     if gpu and req.device not in ("cuda", "cuda:0"):
         raise AdapterError(f"{req.path}: invalid field `device`: {req.device!r}: only cuda:0 is supported")
     n_threads = req.options.get("n_threads") or os.cpu_count() or 1
+    # off by default: separate K·Q and V·softmax products over an f16 K/V cache; on: ggml's
+    # flash-attention kernel (f16 accumulation of V, online softmax), llama.cpp's other path
+    flash_attn = bool(req.options.get("flash_attn", False))
     t_max = max(len(p["token_ids"]) for p in req.prompts)
     n_ctx = t_max + req.decode_steps
     n_batch = t_max  # prefill: the whole prompt is one batch and one micro-batch
@@ -340,7 +349,7 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
         llm = llama_cpp.Llama(
             model_path=path, logits_all=True, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
             n_threads=n_threads, n_threads_batch=n_threads, seed=0, verbose=False,
-            n_gpu_layers=-1 if gpu else 0, flash_attn=False,
+            n_gpu_layers=-1 if gpu else 0, flash_attn=flash_attn,
         )
     except (ValueError, RuntimeError) as e:
         raise AdapterError(f"{path}: llama.cpp could not load this GGUF: {log.reason()} ({e})")
@@ -363,7 +372,7 @@ def run_library(req: pbproto.Request, out_dir: str, path: str, header: GgufHeade
     manifest["captures"] = capture_record(req, NO_CAPTURES)
     manifest["load_ms"] = load_ms
     manifest["extra"] = {
-        "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "flash_attn": False,
+        "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "flash_attn": flash_attn,
         "timing_note": "prefill_ms includes llama-cpp-python copying [T, V] logits into `scores`; "
                        "ttft_ms = prefill + first argmax; decode_ms covers the decode_steps-1 single-token evals after it",
     }

@@ -356,6 +356,25 @@ def test_server_top_k_matches_the_full_logits(models, dump, prompt_ids, tmp_path
 # errors: exit 2, one line naming the file
 
 
+def test_flash_attention_is_llama_cpps_other_path(models, dump, prompt_ids, tmp_path):
+    """`options.flash_attn`: the same file through ggml's flash-attention CPU kernel. It is
+    recorded, it computes the same function (close to the default path), and not the same
+    bits (f16 accumulation of V): the pair is llama.cpp's own spread on the file."""
+    m0, t0 = dump("dense", "Q8_0", "prefill")
+    m1, t1 = run_adapter(tmp_path, gguf(models, "dense", "Q8_0"), prompt_ids, "fa", text=TEXT, mode="prefill",
+                         decode_steps=DECODE_STEPS, options={"flash_attn": True})
+    assert m0["extra"]["flash_attn"] is False and m1["extra"]["flash_attn"] is True
+    err = rel_l2(t1["logits"], t0["logits"])
+    assert 0 < np.median(err) < 3e-2, err
+    assert (t1["logits"].argmax(-1) == t0["logits"].argmax(-1)).mean() >= 0.9
+    for bad, why in ((1, "true or false"), (True, "library backend")):
+        opts = {"flash_attn": bad, **({"backend": "server"} if bad is True else {})}
+        req = write_request(tmp_path / "bad-fa.json", gguf(models, "dense", "Q8_0"),
+                            [{"id": "a", "token_ids": prompt_ids}], options=opts)
+        p = run_error(tmp_path, req)
+        assert p.returncode == 2 and "options.flash_attn" in p.stderr and why in p.stderr, p.stderr
+
+
 def test_missing_model_file(tmp_path, prompt_ids):
     missing = str(tmp_path / "nope.gguf")
     p = run_error(tmp_path, write_request(tmp_path / "r.json", missing, [{"id": "a", "token_ids": prompt_ids}]))

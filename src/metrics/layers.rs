@@ -127,6 +127,10 @@ pub struct NoiseFloors {
     /// capture -> layer -> rel-L2 floor.
     #[serde(default)]
     pub captures: BTreeMap<CapturePoint, BTreeMap<u32, f64>>,
+    /// Mean KL(B ‖ A) of the logits over every scored position, for floor-relative `kld`
+    /// gates with reduction `mean`. `None` in files written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld_mean: Option<f64>,
 }
 
 impl NoiseFloors {
@@ -149,6 +153,9 @@ impl NoiseFloors {
         let ok = |v: f64| v.is_finite() && v >= 0.0;
         if !ok(self.logits) {
             return Err(format!("`logits` floor {} is not a finite non-negative number", self.logits));
+        }
+        if let Some(k) = self.kld_mean.filter(|&k| !ok(k)) {
+            return Err(format!("`kld_mean` floor {k} is not a finite non-negative number"));
         }
         for (c, layers) in &self.captures {
             for (l, &v) in layers {
@@ -186,6 +193,7 @@ impl NoiseFloors {
             references: vec![report.engine.dir.clone(), report.reference.dir.clone()],
             logits,
             captures,
+            kld_mean: report.overall.summary.kld.as_ref().map(|k| k.mean),
         }
     }
 }
@@ -303,7 +311,7 @@ mod tests {
     fn floors() -> NoiseFloors {
         let mut captures = BTreeMap::new();
         captures.insert(CapturePoint::AttnOut, BTreeMap::from([(0u32, 1e-5), (1, 0.0)]));
-        NoiseFloors { description: "eager vs sdpa".into(), references: vec![], logits: 2e-5, captures }
+        NoiseFloors { description: "eager vs sdpa".into(), references: vec![], logits: 2e-5, captures, kld_mean: None }
     }
 
     #[test]

@@ -639,8 +639,9 @@ fn record_report(
     state.verdicts.extend(verdicts.into_iter().map(|v| StoredVerdict { reference: stored_ref.clone(), ..v }));
 }
 
-/// The noise floors a contract's floor-relative gates see: the pair's logits floor, and for
-/// `layer.rel_l2` (whose samples pool every capture point and layer) the largest capture floor.
+/// The noise floors a contract's floor-relative gates see: the pair's logits floor, for
+/// `layer.rel_l2` (whose samples pool every capture point and layer) the largest capture
+/// floor, and for `kld` the pair's mean KLD (meant for gates with reduction `mean`).
 fn contract_floors(floor: Option<&refs::NamedFloors>) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     if let Some(f) = floor {
@@ -648,6 +649,9 @@ fn contract_floors(floor: Option<&refs::NamedFloors>) -> BTreeMap<String, f64> {
         let layer = f.floors.captures.values().flat_map(|l| l.values().copied()).reduce(f64::max);
         if let Some(x) = layer {
             out.insert("layer.rel_l2".to_string(), x);
+        }
+        if let Some(k) = f.floors.kld_mean {
+            out.insert("kld".to_string(), k);
         }
     }
     out
