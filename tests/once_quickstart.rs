@@ -166,7 +166,7 @@ fn once_head_on_the_bundled_suite_is_judged_and_repeats_bit_identically() {
 }
 
 #[test]
-#[ignore = "fails on the seeded models of fixtures/models.lock.json: they amplify half-precision and quantization noise far beyond real models (qwen3-moe vs HF FP16 cosine 0.81; quantized files vs llama.cpp top-1 0.44-0.84), so the gates against HF FP16/BF16 and llama.cpp quantized files fail; passes once recalibrated models land. Run with --release --ignored."]
+#[ignore = "fails on the seeded models: the seeds' cosine > 0.99 vs HF FP32 for quantized files (quantization noise of the models, not the engine: llama.cpp on the same files is as far) fails on every qwen3-moe quantized file (0.84-0.977) and on Q4_K_M of qwen3-dense and qwen2 (0.987, 0.979); argmax == llama.cpp top-1 at every position outside ties fails on 10 of 24 llama.cpp pairs, and quant-top1 on one; every KLD gate passes. Run with --release --ignored."]
 fn once_head_on_the_bundled_suite_passes_every_gate() {
     let Some(fixtures) = fixtures() else { return };
     let q = Quickstart::new(&fixtures);
