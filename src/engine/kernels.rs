@@ -391,10 +391,17 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-/// Rounds every value to the nearest f16 (ties to even), as ggml's f32 -> f16 conversion.
+/// An f32 rounded to f16 (nearest even, as F16C's `vcvtps2ph` with imm 0 and ggml's f32 ->
+/// f16 conversion) and widened back.
+#[inline]
+pub fn round_f16(v: f32) -> f32 {
+    super::gguf::quants::f16_to_f32(half::f16::from_f32(v).to_bits())
+}
+
+/// [`round_f16`] of every value in place.
 pub fn round_to_f16(x: &mut [f32]) {
     for v in x.iter_mut() {
-        *v = half::f16::from_f32(*v).to_f32();
+        *v = round_f16(*v);
     }
 }
 

@@ -50,7 +50,8 @@
 use half::f16;
 
 use super::gguf::GgmlType;
-use super::gguf::quants::{f16_at, f16_to_f32, scale_min_k4};
+use super::gguf::quants::{f16_at, scale_min_k4};
+use super::kernels::round_f16;
 
 /// Elements per block of Q8_0 / Q8_1 (and of Q4_0, Q4_1, Q5_0, Q5_1).
 pub const QK8: usize = 32;
@@ -177,12 +178,6 @@ impl QuantRows {
         }
         out
     }
-}
-
-/// An f32 rounded to f16 (nearest even, as F16C's `vcvtps2ph` with imm 0) and widened back.
-#[inline]
-fn round_f16(v: f32) -> f32 {
-    f16_to_f32(f16::from_f32(v).to_bits())
 }
 
 /// Largest magnitude of a block (`_mm256_max_ps` over `|x|`).
