@@ -415,10 +415,15 @@ impl Model {
         if !unused_tensors.is_empty() {
             tracing::warn!(count = unused_tensors.len(), first = %unused_tensors[0], "tensors in the checkpoint that the model does not use");
         }
+        #[cfg(feature = "mutation-testing")]
+        let m = super::mutation::Mutation::from_env()?;
         #[cfg(not(feature = "mutation-testing"))]
-        let (inv_freq, rope_base) = (kernels::rope_inv_freq(c.head_dim, c.rope_theta), c.rope_theta as f32);
-        #[cfg(not(feature = "mutation-testing"))]
-        return Ok(Model {
+        let theta = c.rope_theta;
+        #[cfg(feature = "mutation-testing")]
+        let theta = super::mutation::rope_theta(m, c.rope_theta);
+        let inv_freq = kernels::rope_inv_freq(c.head_dim, theta);
+        #[cfg_attr(not(feature = "mutation-testing"), expect(unused_mut, reason = "mutated under mutation-testing"))]
+        let mut model = Model {
             config,
             embed_tokens,
             layers,
@@ -427,35 +432,19 @@ impl Model {
             quant_dot: QuantDot::default(),
             llamacpp_numerics: false,
             inv_freq,
-            rope_base,
+            rope_base: theta as f32,
             unused_tensors,
-        });
-
+            #[cfg(feature = "mutation-testing")]
+            mutation: m,
+        };
         #[cfg(feature = "mutation-testing")]
         {
-            use super::mutation;
-            let m = mutation::Mutation::from_env()?;
-            let theta = mutation::rope_theta(m, c.rope_theta);
-            let (inv_freq, rope_base) = (kernels::rope_inv_freq(c.head_dim, theta), theta as f32);
-            let mut model = Model {
-                config,
-                embed_tokens,
-                layers,
-                norm,
-                lm_head,
-                quant_dot: QuantDot::default(),
-                llamacpp_numerics: false,
-                inv_freq,
-                rope_base,
-                unused_tensors,
-                mutation: m,
-            };
-            mutation::apply_at_load(m, &mut model)?;
+            super::mutation::apply_at_load(m, &mut model)?;
             if let Some(m) = m {
                 tracing::warn!(mutation = %m, "a mutation is injected into the engine (mutation tests only)");
             }
-            Ok(model)
         }
+        Ok(model)
     }
 
     /// `[head_dim / 2]` RoPE inverse frequencies (f32, as HF computes them).
