@@ -8,6 +8,14 @@
 #   bash scripts/gpu-box.sh gguf OUTDIR               # GGUF files, device dequantization check,
 #                                                     # parity per type, engine vs llama.cpp (CUDA)
 #                                                     # on the same files (scripts/gpu-gguf.py)
+#   bash scripts/gpu-box.sh prep OUTDIR               # start llama.cpp's builds and the bench
+#                                                     # models' GGUF files in the background
+#   bash scripts/gpu-box.sh once OUTDIR [models]      # `runner once --commit <sha>` on cuda:0
+#                                                     # against the GPU's own HF references
+#
+# One sitting for the speed table (HF, llama.cpp and the engine on one machine): `prep` and
+# `once` in a first call, `GGUF_STEPS=files,bench gguf` in a second, `bench` in a third; the
+# machine must stay warm between them (the calls continue each other's work under /tmp).
 #
 # The gguf phase also needs llama.cpp/ (scripts/gpu-llamacpp.sh trim): its CUDA build and a
 # CPU-only llama-quantize start in the background in their own process sessions, and every
@@ -33,15 +41,76 @@ case "$phase" in
     ;;
   bench)
     bm="${models:-qwen3-0.6b,qwen3-4b-shape,qwen3-moe-3b-shape}"
-    ./runner fixtures gen --models qwen3-0.6b > "$out/gen.log" 2>&1
-    python3 scripts/gpu-bench-models.py --out /tmp/pbbench --tokenizer-dir tok \
-      --models "$(echo "$bm" | tr ',' '\n' | grep -- -shape | paste -sd,)" 2>&1 | tee -a "$out/gen.log"
+    # models an earlier call of this sitting made (prep's GGUF files came from them) are kept
+    [[ -f "$PARITYBENCH_CACHE/fixtures/models/qwen3-0.6b/config.json" ]] ||
+      ./runner fixtures gen --models qwen3-0.6b > "$out/gen.log" 2>&1
+    shapes="$(for m in $(echo "$bm" | tr ',' ' '); do
+      [[ "$m" == *-shape && ! -f "/tmp/pbbench/$m/config.json" ]] && echo "$m"; done | paste -sd,)"
+    [[ -z "$shapes" ]] || python3 scripts/gpu-bench-models.py --out /tmp/pbbench --tokenizer-dir tok \
+      --models "$shapes" 2>&1 | tee -a "$out/gen.log"
     python3 scripts/gpu-run.py bench --runner ./runner --out "$out" --template request.template.json \
       --models "$bm" ${BENCH_RUNNERS:+--runners "$BENCH_RUNNERS"} 2>&1 | tee "$out/run.log"
+    ;;
+  prep)
+    lc=/tmp/lc
+    mkdir -p "$lc"
+    for kind in cuda cpu; do
+      if [[ ! -e "$lc/$kind.started" ]]; then
+        touch "$lc/$kind.started"
+        mode=build; [[ "$kind" == cpu ]] && mode=build-cpu
+        setsid nohup bash scripts/gpu-llamacpp.sh "$mode" llama.cpp "$lc/$kind" 90 > "$lc/$kind.log" 2>&1 < /dev/null &
+      fi
+    done
+    if [[ ! -e "$lc/files.started" ]]; then
+      touch "$lc/files.started"
+      # the files step waits for the CPU llama-quantize; `gguf` waits for this process
+      setsid nohup bash -c "python3 scripts/gpu-gguf.py files --models '${models:-qwen3-0.6b,qwen3-4b-shape,qwen3-moe-3b-shape}' \
+        --runner ./runner --out '$lc/files-out' --template /tmp/pbgguf-request.json --tok tok --llamacpp llama.cpp \
+        --quantize '$lc/cpu/bin/llama-quantize' --bench-bin '$lc/cuda/bin/llama-bench'; touch '$lc/files.done'" \
+        > "$lc/files.log" 2>&1 < /dev/null &
+    fi
+    echo "prep: llama.cpp builds and GGUF files started in the background (logs in $lc)"
+    ;;
+  once)
+    # The GPU's own HF references in this machine's cache, then `runner once` of the commit the
+    # carried runner was built from (repo.bundle, made by gpu-carry.sh) with the built-in engine
+    # on cuda:0 against them; the SQLite database and the outcome come back.
+    om="${models:-qwen3-dense,qwen3-moe,qwen3-moe-mixed,qwen2}"
+    t0=$SECONDS
+    ./runner fixtures build --device "${ONCE_DEVICE:-cuda:0}" --references hf --models "$om" > "$out/fixtures-build.txt" 2>&1
+    echo "fixtures build (HF on ${ONCE_DEVICE:-cuda:0}, $om): rc=$? in $((SECONDS - t0)) s" | tee -a "$out/fixtures-build.txt"
+    if ! command -v git > /dev/null; then   # the carried git (gpu-carry.sh) where the box has none
+      export PATH="$here/gitbin:$PATH" GIT_EXEC_PATH="$here/gitbin" LD_LIBRARY_PATH="$here/gitbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+    repo=/tmp/pbrepo
+    [[ -d "$repo/.git" ]] || git clone -q repo.bundle "$repo"
+    sha="$(git -C "$repo" rev-parse HEAD)"
+    cat > /tmp/pb-gpu-once.toml <<EOT
+# The built-in engine of $repo on this box's GPU. The runner binary was built on a CPU machine
+# from this same commit (the box has no Rust toolchain), so the build step has nothing to do.
+[engines.paritybench]
+build = "true"
+run = "$here/runner engine run --request {request} --out {out}"
+device = "${ONCE_DEVICE:-cuda:0}"
+timeout_s = 900
+EOT
+    t0=$SECONDS
+    (cd "$repo" && "$here/runner" once --config /tmp/pb-gpu-once.toml --commit "$sha") > "$out/once.txt" 2> "$out/once.stderr.txt"
+    rc=$?
+    echo "runner once --commit $sha on ${ONCE_DEVICE:-cuda:0}: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/once.txt"
+    (cd "$repo" && "$here/runner" once --config /tmp/pb-gpu-once.toml --commit "$sha" --json) > "$out/once-again.json" 2>> "$out/once.stderr.txt"
+    echo "second run of the same commit: exit $?" | tee -a "$out/once.txt"
+    python3 -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
+      "$PARITYBENCH_CACHE/data/paritybench.sqlite" "$out/gpu-once.sqlite"
+    cat "$out/once.txt"
     ;;
   gguf)
     lc=/tmp/lc
     mkdir -p "$lc"
+    if [[ -e "$lc/files.started" && ! -e "$lc/files.done" ]]; then   # prep's files step
+      echo "waiting for prep's GGUF files ..."
+      while [[ ! -e "$lc/files.done" ]]; do sleep 3; done
+    fi
     for kind in cuda cpu; do
       if [[ ! -e "$lc/$kind.started" ]]; then
         touch "$lc/$kind.started"

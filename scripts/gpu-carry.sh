@@ -5,7 +5,9 @@
 #
 # DEST gets: runner (target/release/runner, stripped: build it first with `cargo build
 # --release`), scripts/, runners/, fixtures/ (lock and suites), tok/ (the Qwen3 tokenizer that
-# runners/setup.sh fetched) and llama.cpp/ (scripts/gpu-llamacpp.sh trim, about 20 MiB).
+# runners/setup.sh fetched), llama.cpp/ (scripts/gpu-llamacpp.sh trim, about 20 MiB),
+# repo.bundle (this repository's HEAD, for `runner once --commit` there: build the runner from
+# a clean HEAD) and gitbin/ (this machine's git and its libpcre2, for a box without git).
 # On the machine: `cd DEST && bash scripts/gpu-box.sh gguf "$OUT"` (see gpu-box.sh).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,4 +23,10 @@ cp "$repo/target/release/runner" "$dest/runner"
 strip "$dest/runner"
 cp "$cache/tokenizer/tokenizer.json" "$cache/tokenizer/tokenizer_config.json" "$dest/tok/"
 bash "$repo/scripts/gpu-llamacpp.sh" trim "$dest/llama.cpp" > /dev/null
+[[ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ]] ||
+  echo "gpu-carry: WARNING: uncommitted changes: the runner was not built from HEAD" >&2
+git -C "$repo" bundle create "$dest/repo.bundle" HEAD 2> /dev/null
+mkdir -p "$dest/gitbin"
+cp "$(command -v git)" "$dest/gitbin/git"
+cp "$(ldd "$(command -v git)" | awk '/libpcre2-8/ { print $3 }')" "$dest/gitbin/"
 du -sh "$dest"

@@ -40,6 +40,21 @@ pub struct BuildArgs {
     /// Print the fixture record as JSON.
     #[arg(long)]
     json: bool,
+    /// The device the HF references compute on: `cpu`, `cuda` or `cuda:N` (a GPU box builds
+    /// its GPU references in its own cache; `cuda` needs `--references hf`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Which references to build: `all` (HF, GGUF files and llama.cpp, on the CPU) or `hf`
+    /// (the HF references only, on `--device`).
+    #[arg(long, value_enum, default_value_t = RefSet::All)]
+    references: RefSet,
+}
+
+/// `--references`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RefSet {
+    All,
+    Hf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +169,14 @@ fn build_config(args: &BuildArgs) -> anyhow::Result<BuildConfig> {
     let python = std::env::var_os("PARITYBENCH_PYTHON")
         .map(PathBuf::from)
         .context("PARITYBENCH_PYTHON is not set: run `eval \"$(bash runners/setup.sh)\"` first")?;
+    let device = crate::engine::backend::Device::parse(&args.device)
+        .map_err(|e| anyhow::anyhow!("--device {:?}: {e}", args.device))?;
+    if device != crate::engine::backend::Device::Cpu && args.references == RefSet::All {
+        anyhow::bail!(
+            "--device {}: llama.cpp references run on the CPU (llama-cpp-python); build the GPU's HF references with `--references hf`",
+            args.device
+        );
+    }
     Ok(BuildConfig {
         repo,
         root,
@@ -162,6 +185,8 @@ fn build_config(args: &BuildArgs) -> anyhow::Result<BuildConfig> {
         python,
         force: args.force,
         timeout: Duration::from_secs(args.timeout_s),
+        device: args.device.clone(),
+        hf_only: args.references == RefSet::Hf,
     })
 }
 
