@@ -85,7 +85,8 @@ named_enum! {
         /// 1 where the engine's argmax equals the reference's, else 0.
         Top1 = "top1",
         /// Top-1 agreement where the reference's top-1/top-2 margin exceeds the tie
-        /// threshold; elsewhere 1 when the engine's token is in the reference's top-2.
+        /// threshold; elsewhere 1 when the engine's token is tied with the reference's top-1
+        /// (within the threshold of it in the reference's logits: its top-2, or any as close).
         Top1MarginAware = "top1_margin_aware",
         /// |top-5(engine) ∩ top-5(reference)| / 5.
         Top5Overlap = "top5_overlap",

@@ -670,28 +670,55 @@ pub struct RankedIds {
     /// Descending; the first `len` are valid (at most [`TOP_K`] are kept).
     ids: [u32; TOP_K],
     len: usize,
-    /// `logit(top-1) − logit(top-2)`, when known: from logits, or `ln p₁ − ln p₂` from
-    /// probabilities (softmax keeps logit differences).
+    /// `logit(top-1) − logit(top-i)` for each kept id (0 for the first), when known: from
+    /// logits, or `ln p₁ − ln pᵢ` from probabilities (softmax keeps logit differences).
+    gaps: Option<[f64; TOP_K]>,
+    /// `logit(top-1) − logit(top-2)`, when known (the second of the gaps, or given alone).
     pub margin: Option<f64>,
 }
 
 impl RankedIds {
-    /// The first [`TOP_K`] of `ids` (descending) with the reference margin, if known.
+    /// The first [`TOP_K`] of `ids` (descending) with the reference margin, if known, and
+    /// no gaps below the second.
     pub fn new(ids: &[u32], margin: Option<f64>) -> RankedIds {
         let len = ids.len().min(TOP_K);
-        let mut r = RankedIds { ids: [0; TOP_K], len, margin };
+        let mut r = RankedIds { ids: [0; TOP_K], len, gaps: None, margin };
         r.ids[..len].copy_from_slice(&ids[..len]);
         r
     }
+    /// The first [`TOP_K`] of `ids` (descending) with each one's gap to the first.
+    pub fn with_gaps(ids: &[u32], gaps: &[f64]) -> RankedIds {
+        let mut r = RankedIds::new(ids, None);
+        let mut g = [f64::INFINITY; TOP_K];
+        let n = r.len.min(gaps.len());
+        g[..n].copy_from_slice(&gaps[..n]);
+        r.margin = (n >= 2).then(|| g[1]);
+        r.gaps = Some(g);
+        r
+    }
     pub fn from_topk(t: &TopK) -> RankedIds {
-        let margin = (t.len >= 2).then(|| f64::from(t.vals[0]) - f64::from(t.vals[1]));
-        RankedIds::new(t.ids(), margin)
+        let mut gaps = [0.0; TOP_K];
+        for (g, v) in gaps.iter_mut().zip(&t.vals[..t.len]) {
+            *g = f64::from(t.vals[0]) - f64::from(*v);
+        }
+        RankedIds::with_gaps(t.ids(), &gaps[..t.len])
     }
     pub fn ids(&self) -> &[u32] {
         &self.ids[..self.len]
     }
     pub fn top1(&self) -> Option<u32> {
         self.ids().first().copied()
+    }
+    /// Whether `id` is tied with this ranking's top-1: within `threshold` of it, among the
+    /// kept ids. Without the gaps below the second, only the second can be told tied.
+    fn tied_with_top1(&self, id: u32, threshold: f64) -> bool {
+        let rank = self.ids().iter().position(|&x| x == id);
+        match (rank, &self.gaps) {
+            (Some(0), _) => true,
+            (Some(r), Some(g)) => g[r] <= threshold,
+            (Some(1), None) => self.margin.is_some_and(|m| m <= threshold),
+            _ => false,
+        }
     }
 }
 
@@ -709,12 +736,14 @@ pub struct TopkAgreement {
 
 /// Compares the engine's ranking `a` with the reference's `b`. Margin-aware top-1: where the
 /// reference's top-1/top-2 margin exceeds `tie_threshold` the top-1 must match; elsewhere
-/// the engine's top-1 must be among the reference's top-2.
+/// (a tie) the engine's top-1 must be one of the tokens tied with the reference's top-1, those
+/// within `tie_threshold` of it in the reference's own logits: its top-2, and any below
+/// that are as close (a three- or five-way near-tie has as many right answers).
 pub fn topk_agreement(a: &RankedIds, b: &RankedIds, tie_threshold: f64) -> TopkAgreement {
     let top1 = matches!((a.top1(), b.top1()), (Some(x), Some(y)) if x == y);
     let top1_margin_aware = match (b.margin, a.top1()) {
         (Some(m), Some(_)) if m > tie_threshold => Some(top1),
-        (Some(_), Some(x)) => Some(b.ids().iter().take(2).any(|&y| y == x)),
+        (Some(_), Some(x)) => Some(b.tied_with_top1(x, tie_threshold)),
         (Some(_), None) => Some(false),
         (None, _) => None,
     };
@@ -1081,6 +1110,24 @@ mod tests {
         assert_eq!(topk_agreement(&swapped, &tie, 1e-3).top1_margin_aware, Some(true));
         let third = r(&[3, 1, 2], None);
         assert_eq!(topk_agreement(&third, &tie, 1e-3).top1_margin_aware, Some(false));
+        // a three-way near-tie (gaps known): the third is right too, the fourth is not
+        let gaps = [0.0, 2e-4, 6e-4, 2e-3, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0];
+        let three_way = RankedIds::with_gaps(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &gaps);
+        assert_eq!(three_way.margin, Some(2e-4));
+        assert_eq!(topk_agreement(&third, &three_way, 1e-3).top1_margin_aware, Some(true));
+        let fourth = r(&[4, 1, 2], None);
+        assert_eq!(topk_agreement(&fourth, &three_way, 1e-3).top1_margin_aware, Some(false));
+        // no tie at all: only the top-1, however close the third is to the second
+        let clear = RankedIds::with_gaps(&[1, 2, 3], &[0.0, 0.5, 0.5001]);
+        assert_eq!(topk_agreement(&third, &clear, 1e-3).top1_margin_aware, Some(false));
+        assert_eq!(topk_agreement(&swapped, &clear, 1e-3).top1_margin_aware, Some(false));
+        // from logits: the gaps are the reference's logit differences
+        let t = top_k(&[0.0f32, 5.0, 4.9995, 4.9991, 1.0]);
+        let ranked = RankedIds::from_topk(&t);
+        assert_eq!(ranked.ids()[..3], [1, 2, 3]);
+        let engine = r(&[3, 1], None);
+        assert_eq!(topk_agreement(&engine, &ranked, 1e-3).top1_margin_aware, Some(true));
+        assert_eq!(topk_agreement(&engine, &ranked, 5e-4).top1_margin_aware, Some(false));
         // short lists: overlaps absent, unknown margin: margin-aware absent
         let short = r(&[1, 2, 3], None);
         let g = topk_agreement(&reference, &short, 1e-3);

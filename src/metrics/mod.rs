@@ -566,11 +566,14 @@ fn rankings(
                     })?;
                     row_ids.push(id);
                 }
-                let margin = match &probs {
-                    Some(p) if k >= 2 => Some(f64::from(p[i * k]).ln() - f64::from(p[i * k + 1]).ln()),
-                    _ => None,
-                };
-                out.push(RankedIds::new(&row_ids, margin));
+                out.push(match &probs {
+                    Some(p) => {
+                        let row = &p[i * k..(i + 1) * k];
+                        let gaps: Vec<f64> = row.iter().map(|&q| f64::from(row[0]).ln() - f64::from(q).ln()).collect();
+                        RankedIds::with_gaps(&row_ids, &gaps)
+                    }
+                    None => RankedIds::new(&row_ids, None),
+                });
             }
             Ok(Some(out))
         }
