@@ -254,6 +254,29 @@ fn dequant_check_without_a_gpu_or_on_the_cpu_is_refused_clearly() {
 }
 
 #[test]
+fn gpu_references_are_hf_only_and_a_bad_device_is_named() {
+    // before anything is built: the device and the reference set are checked first
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |extra: &[&str]| {
+        runner()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PARITYBENCH_CACHE", tmp.path())
+            .env("PARITYBENCH_PYTHON", "python3")
+            .args(["fixtures", "build", "--models", "qwen3-dense"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = build(&["--device", "cuda:0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--references hf") && stderr(&o).contains("llama.cpp"), "{}", stderr(&o));
+    let o = build(&["--device", "gpu0", "--references", "hf"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("gpu0"), "{}", stderr(&o));
+    assert!(!tmp.path().join("fixtures").exists(), "nothing may be written before the arguments are checked");
+}
+
+#[test]
 fn a_missing_request_or_model_directory_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let o = engine_run(&tmp.path().join("nope.json"), &tmp.path().join("d"), &[]);
