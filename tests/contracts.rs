@@ -60,7 +60,7 @@ fn every_shipped_contract_parses() {
 #[test]
 fn seed_contract_encodes_the_seeds_gates() {
     let c = shipped("seed-parity.yaml");
-    assert_eq!((c.id.as_str(), c.version.as_str()), ("seed-parity", "2"));
+    assert_eq!((c.id.as_str(), c.version.as_str()), ("seed-parity", "3"));
     let cos = c.gate("logits-cosine-vs-hf-fp16").unwrap();
     assert_eq!(cos.metric, Metric::LogitsCosine);
     assert_eq!(cos.reduction, Reduction::Min);
@@ -74,6 +74,8 @@ fn seed_contract_encodes_the_seeds_gates() {
     );
     let gguf = c.gate("gguf-logits-cosine-vs-hf-fp32").unwrap();
     assert_eq!((gguf.metric, gguf.value.clone()), (Metric::LogitsCosine, Threshold::Absolute(0.99)));
+    let quant = c.gate("gguf-quantized-logits-vs-hf-fp32").unwrap();
+    assert_eq!((quant.metric, quant.value.clone()), (Metric::LogitsRelL2, Threshold::FloorMultiple(2.0)));
     assert_eq!(top1.value, Threshold::Absolute(1.0));
     let count = c.gate("layer-count-parity").unwrap();
     assert_eq!(count.metric, Metric::LayerCountParity);
@@ -89,7 +91,49 @@ fn seed_contract_encodes_the_seeds_gates() {
     assert!(cos.scope.matches(&subject("HF-FP16-sdpa")));
     assert!(!cos.scope.matches(&subject("hf-f32")));
     assert!(top1.scope.matches(&subject("llamacpp-q8_0")));
+    assert!(top1.scope.matches(&subject("llamacpp-f16-incremental")));
+    assert!(
+        !top1.scope.matches(&subject("llamacpp-q8_0-fa")),
+        "llama.cpp's flash-attention path is a floor, not the seeds' llama.cpp"
+    );
     assert!(!top1.scope.matches(&subject("hf-f16")));
+    // GGUF files: the absolute cosine for unquantized files, llama.cpp's distance for quantized ones
+    let file = |dtype: &str| Subject { dtype: Some(dtype.into()), ..subject("hf-fp32-eager") };
+    assert!(gguf.scope.matches(&file("f16")) && gguf.scope.matches(&file("BF16")));
+    assert!(!gguf.scope.matches(&file("q4_k_m")));
+    assert!(quant.scope.matches(&file("q4_k_m")) && quant.scope.matches(&file("q8_0")));
+    assert!(!quant.scope.matches(&file("f16")));
+    assert!(
+        !quant.scope.matches(&Subject { dtype: Some("q8_0".into()), ..subject("hf-fp32-sdpa") }),
+        "no floor vs SDPA"
+    );
+}
+
+#[test]
+fn a_scope_field_may_list_globs_and_exclude_with_a_bang() {
+    let c = contract_with(
+        "  - {id: lc, metric: top1, reduction: mean, comparison: \">=\", value: 0.5, scope: {reference: [\"llamacpp-*\", \"!*-fa\", \"!*-incremental\"]}}\n",
+    );
+    let g = c.gate("lc").unwrap();
+    let r = |reference: &str| Subject {
+        engine: "e".into(),
+        model: "m".into(),
+        reference: reference.into(),
+        ..Default::default()
+    };
+    assert!(g.scope.matches(&r("llamacpp-q8_0")));
+    assert!(g.scope.matches(&r("LLAMACPP-Q4_K_M")));
+    assert!(!g.scope.matches(&r("llamacpp-q8_0-fa")));
+    assert!(!g.scope.matches(&r("llamacpp-f16-incremental")));
+    assert!(!g.scope.matches(&r("hf-fp32-eager")));
+    // a bad glob in a list is named with the gate and the field
+    let e = parse(&format!(
+        "id: t\nversion: 1\ngates:\n{}",
+        "  - {id: bad, metric: top1, reduction: mean, comparison: \">=\", value: 0.5, scope: {reference: [\"ok-*\", \"[oops\"]}}\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("bad") && e.contains("reference") && e.contains("[oops"), "{e}");
 }
 
 #[test]
@@ -466,8 +510,23 @@ fn the_seed_contract_judges_a_run() {
     };
     // The F16 GGUF file against the model's HF FP32 reference.
     let gguf = Subject { reference: "hf-fp32-eager".into(), ..hf.clone() };
-    let e = c.evaluate(&[hf.clone(), llama.clone(), gguf.clone()]);
-    assert_eq!(e.verdicts.len(), 5, "{:#?}", e.verdicts);
+    // A Q4_K_M file against HF FP32: twice llama.cpp's distance on the same file at most.
+    let quant = Subject {
+        dtype: Some("q4_k_m".into()),
+        samples: BTreeMap::from([
+            (Metric::LogitsRelL2, vec![0.1, 0.18, 0.05]),
+            (Metric::LayerCountParity, vec![1.0; 36]),
+        ]),
+        noise_floors: BTreeMap::from([(Metric::LogitsRelL2, 0.1)]),
+        ..gguf.clone()
+    };
+    let e = c.evaluate(&[hf.clone(), llama.clone(), gguf.clone(), quant.clone()]);
+    assert_eq!(e.verdicts.len(), 7, "{:#?}", e.verdicts);
+    let mut far = quant.clone();
+    far.samples.insert(Metric::LogitsRelL2, vec![0.1, 0.21]);
+    let failed: Vec<String> =
+        c.evaluate(&[far]).verdicts.iter().filter(|v| !v.passed()).map(|v| v.gate_id.clone()).collect();
+    assert_eq!(failed, ["gguf-quantized-logits-vs-hf-fp32"]);
     assert!(e.unmatched_gates.is_empty());
     assert!(e.passed());
 

@@ -118,25 +118,43 @@ impl Scope {
 }
 
 /// A case-insensitive glob (`*`, `?`, `[abc]`, `{a,b}`) over a whole name; `*` also
-/// matches `/` and `.`, since names are not paths.
+/// matches `/` and `.`, since names are not paths. A scope may give a field several globs
+/// (a YAML list): the name must match all of them, and one written `!glob` must not match
+/// (`["llamacpp-*", "!*-fa"]`: llama.cpp's references, but not its flash-attention ones).
 #[derive(Clone)]
 pub struct Pattern {
     text: String,
-    matcher: globset::GlobMatcher,
+    /// (negated, glob): every one must hold.
+    parts: Vec<(bool, globset::GlobMatcher)>,
 }
 
 impl Pattern {
     pub fn new(text: &str) -> Result<Pattern, globset::Error> {
-        let glob = globset::GlobBuilder::new(text)
-            .case_insensitive(true)
-            .literal_separator(false)
-            .backslash_escape(true)
-            .build()?;
-        Ok(Pattern { text: text.to_string(), matcher: glob.compile_matcher() })
+        Pattern::all(&[text.to_string()])
+    }
+
+    /// A name that every glob of `texts` allows (see the type's docs for `!`).
+    pub fn all(texts: &[String]) -> Result<Pattern, globset::Error> {
+        let parts = texts
+            .iter()
+            .map(|t| {
+                let (negated, glob) = match t.strip_prefix('!') {
+                    Some(rest) => (true, rest),
+                    None => (false, t.as_str()),
+                };
+                let g = globset::GlobBuilder::new(glob)
+                    .case_insensitive(true)
+                    .literal_separator(false)
+                    .backslash_escape(true)
+                    .build()?;
+                Ok((negated, g.compile_matcher()))
+            })
+            .collect::<Result<Vec<_>, globset::Error>>()?;
+        Ok(Pattern { text: texts.join(" & "), parts })
     }
 
     pub fn matches(&self, name: &str) -> bool {
-        self.matcher.is_match(name)
+        self.parts.iter().all(|(negated, m)| m.is_match(name) != *negated)
     }
 
     pub fn as_str(&self) -> &str {

@@ -14,7 +14,8 @@
 //!     comparison: ">"
 //!     value: 0.99                     # or { floor_multiple: 10 }
 //!     severity: error                 # default
-//!     scope: { reference: "hf-fp16*" }
+//!     scope: { reference: "hf-fp16*" }   # or a list that must all allow it:
+//!                                         # { reference: ["llamacpp-*", "!*-fa"] }
 //! ```
 //!
 //! Provable-contracts form: any file with a top-level `parity_gates:` mapping
@@ -82,11 +83,28 @@ struct RawGate {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawScope {
-    engine: Option<String>,
-    model: Option<String>,
-    reference: Option<String>,
-    dtype: Option<String>,
-    mode: Option<String>,
+    engine: Option<Globs>,
+    model: Option<Globs>,
+    reference: Option<Globs>,
+    dtype: Option<Globs>,
+    mode: Option<Globs>,
+}
+
+/// One glob, or a list of them that must all allow the name (`!glob`: must not match).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Globs {
+    One(String),
+    All(Vec<String>),
+}
+
+impl Globs {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Globs::One(g) => vec![g],
+            Globs::All(v) => v,
+        }
+    }
 }
 
 /// A version written as a number (`1`, `1.2`) or a string (`"1.0.0"`).
@@ -251,13 +269,14 @@ fn gate(raw: RawGate, text: &str, source: &Path) -> Result<Gate, ContractError> 
         }
         _ => {}
     }
-    let pattern = |field: &'static str, p: Option<String>| -> Result<Option<Pattern>, ContractError> {
+    let pattern = |field: &'static str, p: Option<Globs>| -> Result<Option<Pattern>, ContractError> {
         p.map(|p| {
-            Pattern::new(&p).map_err(|source| ContractError::BadPattern {
+            let globs = p.into_vec();
+            Pattern::all(&globs).map_err(|source| ContractError::BadPattern {
                 path: path.clone(),
                 gate: raw.id.clone(),
                 field,
-                pattern: p.clone(),
+                pattern: globs.join(", "),
                 source: Box::new(source),
             })
         })
