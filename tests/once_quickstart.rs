@@ -1,12 +1,9 @@
 //! The README's first command, minus the one-time setup: `runner once --commit HEAD` on the
 //! bundled suite with the fixtures of `$PARITYBENCH_CACHE` (built by `runner fixtures build`),
-//! twice, on a fresh SQLite database. Each run must be judged (passed or failed, never
-//! errored) against every suite model and every reference, every gate on the f32 checkpoints
-//! against HF FP32 must pass, and the second run must store bit-identical parity numbers
-//! (read back from the database). That the whole run passes every gate is a separate,
-//! ignored test: the seeded models of `fixtures/models.lock.json` amplify half-precision and
-//! quantization noise far beyond real models, so gates against HF FP16/BF16 and llama.cpp's
-//! quantized files fail on them (see README, known limits).
+//! twice, on a fresh SQLite database. The run must pass every gate of the shipped contracts
+//! against every suite model and every reference (the f32 checkpoints' gates against HF FP32
+//! are checked on their own too, so that a failure there is named first), and the second run
+//! must store bit-identical parity numbers (read back from the database).
 //!
 //! The engine is this build's own `runner` (the code at HEAD, built by cargo for this test)
 //! instead of a second release build in a worktree, which `runner once` would otherwise do
@@ -143,17 +140,23 @@ fn f32_checkpoint_vs_fp32(fixtures: &Path, v: &serde_json::Value) -> bool {
 
 #[test]
 #[cfg_attr(debug_assertions, ignore = "the built-in engine in a debug build is too slow: run with --release")]
-fn once_head_on_the_bundled_suite_is_judged_and_repeats_bit_identically() {
+fn once_head_on_the_bundled_suite_passes_every_gate_and_repeats_bit_identically() {
     let Some(fixtures) = fixtures() else { return };
     let q = Quickstart::new(&fixtures);
     let (code, first, stderr) = q.once();
     assert!(code == 0 || code == 1, "exit {code}: the run could not be judged\n{stderr}");
-    assert!(first["status"] == "passed" || first["status"] == "failed", "{}\n{stderr}", first["status"]);
     assert_every_reference_compared(&fixtures, &first);
     let strict = failed_gates(&first, |v| f32_checkpoint_vs_fp32(&fixtures, v));
     assert!(strict.is_empty(), "gates of the f32 checkpoints vs HF FP32 failed:\n{}", strict.join("\n"));
     let judged = first["verdicts"].as_array().unwrap().iter().filter(|v| f32_checkpoint_vs_fp32(&fixtures, v)).count();
     assert!(judged > 50, "only {judged} verdicts on the f32 checkpoints vs HF FP32");
+    let failed = failed_gates(&first, |_| true);
+    assert_eq!(
+        (code, &first["status"]),
+        (0, &serde_json::json!("passed")),
+        "failed gates:\n{}\n{stderr}",
+        failed.join("\n")
+    );
 
     let (code2, second, _) = q.once();
     assert_eq!(code2, code, "{second}");
@@ -163,20 +166,4 @@ fn once_head_on_the_bundled_suite_is_judged_and_repeats_bit_identically() {
     let (a, b) = (parity_bits(&runs[0]), parity_bits(&runs[1]));
     assert!(a.len() > 1000, "{} parity numbers stored", a.len());
     assert_eq!(a, b, "the second run of the same commit stored different parity numbers");
-}
-
-#[test]
-#[ignore = "fails on the seeded models: the seeds' cosine > 0.99 vs HF FP32 for quantized files (quantization noise of the models, not the engine: llama.cpp on the same files is as far) fails on every qwen3-moe quantized file (0.84-0.977) and on Q4_K_M of qwen3-dense and qwen2 (0.987, 0.979); argmax == llama.cpp top-1 at every position outside ties fails on 10 of 24 llama.cpp pairs, and quant-top1 on one; every KLD gate passes. Run with --release --ignored."]
-fn once_head_on_the_bundled_suite_passes_every_gate() {
-    let Some(fixtures) = fixtures() else { return };
-    let q = Quickstart::new(&fixtures);
-    let (code, first, stderr) = q.once();
-    let failed = failed_gates(&first, |_| true);
-    assert_eq!(
-        (code, &first["status"]),
-        (0, &serde_json::json!("passed")),
-        "failed gates:\n{}\n{stderr}",
-        failed.join("\n")
-    );
-    assert_every_reference_compared(&fixtures, &first);
 }
