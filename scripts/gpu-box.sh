@@ -131,4 +131,4 @@ EOT
     [[ -f "$out/dequant-check.json" ]] && tail -n 20 "$out/logs/dequant-check.log"
     ;;
 esac
-tar czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null && rm -rf "$out/logs"
+if [[ -d "$out/logs" ]]; then tar czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"; fi

@@ -26,6 +26,10 @@ bash "$repo/scripts/gpu-llamacpp.sh" trim "$dest/llama.cpp" > /dev/null
 [[ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ]] ||
   echo "gpu-carry: WARNING: uncommitted changes: the runner was not built from HEAD" >&2
 git -C "$repo" bundle create "$dest/repo.bundle" HEAD 2> /dev/null
+# the request the parity and bench phases start from (the suite's prompts and token ids)
+tmpl="$cache/fixtures/refs/default/qwen3-dense/hf-fp16-sdpa.request.json"
+if [[ -f "$tmpl" ]]; then cp "$tmpl" "$dest/request.template.json"
+else echo "gpu-carry: WARNING: no $tmpl (runner fixtures build): parity and bench need request.template.json" >&2; fi
 mkdir -p "$dest/gitbin"
 cp "$(command -v git)" "$dest/gitbin/git"
 cp "$(ldd "$(command -v git)" | awk '/libpcre2-8/ { print $3 }')" "$dest/gitbin/"

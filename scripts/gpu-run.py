@@ -113,13 +113,15 @@ class Ctx:
         log(f"{name}: rc={rc} {s:.1f}s")
         return d if rc == 0 else None
 
-    def compare(self, name, a, b):
+    def compare(self, name, a, b, extra=()):
+        """`runner compare A B --json [extra]`; extra e.g. --save-floors F, or --floors F
+        --tie-from-floors (ties judged by the pair's own noise, as `runner once` does)."""
         if a is None or b is None:
             self.results[name] = {"error": "a dump is missing"}
             return None
         p = self.logs / f"cmp-{name.replace('/', '__')}.json"
         with open(p, "w") as f:
-            rc = subprocess.run([str(self.runner), "compare", str(a), str(b), "--json"], stdout=f,
+            rc = subprocess.run([str(self.runner), "compare", str(a), str(b), "--json", *map(str, extra)], stdout=f,
                                 stderr=subprocess.PIPE, text=True).returncode
         if rc not in (0, 1):
             self.results[name] = {"error": f"compare rc={rc}"}
@@ -136,7 +138,7 @@ class Ctx:
             "logits_rel_l2_mean": s["rel_l2_mean"], "logits_rel_l2_max": s["rel_l2_max"],
             "cosine_min": s["cosine_min"], "kld_mean": s["kld"]["mean"],
             "top1": s["top1"]["rate"], "top1_margin_aware": s["top1_margin_aware"]["rate"],
-            "greedy": o.get("greedy"), "layers": layers,
+            "greedy": o.get("greedy"), "layers": layers, "tie_threshold": d["settings"]["tie_threshold"],
             "engine": d["engine"], "reference": d["reference"],
         }
         self.results[name] = r
@@ -187,9 +189,13 @@ def parity(ctx, args):
         with cf.ThreadPoolExecutor(max_workers=3) as ex:
             eng = dict(zip(eng_jobs, ex.map(lambda kv: ctx.run_engine(*kv), eng_jobs.items())))
         for dn, dt in dtypes:
-            ctx.compare(f"{m}/{dt}/floor-hf-sdpa-vs-eager", hf[f"{m}-hf-{dn}-sdpa"], hf[f"{m}-hf-{dn}-eager"])
-            ctx.compare(f"{m}/{dt}/engine-vs-hf-eager", eng[f"{m}-engine-cuda-{dt}"], hf[f"{m}-hf-{dn}-eager"])
-            ctx.compare(f"{m}/{dt}/engine-vs-hf-sdpa", eng[f"{m}-engine-cuda-{dt}"], hf[f"{m}-hf-{dn}-sdpa"])
+            # the floor pair's noise also sets the ties of the engine's margin-aware top-1
+            fl = ctx.work / f"floors-{m}-{dt}.json"
+            ctx.compare(f"{m}/{dt}/floor-hf-sdpa-vs-eager", hf[f"{m}-hf-{dn}-sdpa"], hf[f"{m}-hf-{dn}-eager"],
+                        ["--save-floors", fl])
+            ties = ["--floors", fl, "--tie-from-floors"] if fl.exists() else []
+            ctx.compare(f"{m}/{dt}/engine-vs-hf-eager", eng[f"{m}-engine-cuda-{dt}"], hf[f"{m}-hf-{dn}-eager"], ties)
+            ctx.compare(f"{m}/{dt}/engine-vs-hf-sdpa", eng[f"{m}-engine-cuda-{dt}"], hf[f"{m}-hf-{dn}-sdpa"], ties)
         ctx.compare(f"{m}/f32/engine-cuda-vs-engine-cpu", eng[f"{m}-engine-cuda-f32"], eng[f"{m}-engine-cpu-f32"])
         ctx.compare(f"{m}/f32/engine-cpu-vs-hf-eager", eng[f"{m}-engine-cpu-f32"], hf[f"{m}-hf-fp32-eager"])
         ctx.compare(f"{m}/f16/engine-cuda-repeat", eng[f"{m}-engine-cuda-f16-again"], eng[f"{m}-engine-cuda-f16"])

@@ -546,6 +546,32 @@ fn noise_floors_decide_the_first_divergent_layer() {
 }
 
 #[test]
+fn floors_saved_by_one_comparison_set_the_ties_of_the_next() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = noisy_pair(t.path());
+    let floors = t.path().join("saved.json");
+    let r = compare(&a, &b, &["--json", "--save-floors", floors.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep = report_of(&r);
+    let saved = paritybench::metrics::NoiseFloors::load(&floors).unwrap();
+    assert_eq!(saved.logits, rep.overall.summary.rel_l2_max.unwrap(), "the floor is the largest logits rel-L2");
+    assert!(saved.captures.values().flat_map(|l| l.values()).any(|&x| x > 0.0));
+    assert_eq!(rep.settings.tie_threshold, 1e-3);
+
+    // the tie threshold from those floors: 3·√2·floor·rms(reference logits), as runner once
+    let r = compare(&a, &b, &["--json", "--floors", floors.to_str().unwrap(), "--tie-from-floors"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let derived = report_of(&r).settings.tie_threshold;
+    let rms = paritybench::once::logits_rms(&Dump::open(&b).unwrap()).unwrap();
+    assert_eq!(derived, paritybench::once::tie_threshold(saved.logits, rms));
+    assert!(derived > 1e-3, "{derived}");
+    // it needs floors, and a fixed threshold beside it is refused
+    assert_eq!(compare(&a, &b, &["--tie-from-floors"]).code, 2);
+    let r = compare(&a, &b, &["--floors", floors.to_str().unwrap(), "--tie-from-floors", "--tie-threshold", "0.1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+#[test]
 fn unreadable_dumps_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let b = write_dump(&t.path().join("b"), "ref", &["p0"], vec![prompt(0, 10)]);

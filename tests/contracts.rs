@@ -73,9 +73,9 @@ fn seed_contract_encodes_the_seeds_gates() {
         (Metric::Top1MarginAware, Reduction::All, Comparison::Eq)
     );
     let gguf = c.gate("gguf-logits-cosine-vs-hf-fp32").unwrap();
-    assert_eq!((gguf.metric, gguf.value.clone()), (Metric::LogitsCosine, Threshold::Absolute(0.99)));
+    assert_eq!((gguf.metric, gguf.value), (Metric::LogitsCosine, Threshold::Absolute(0.99)));
     let quant = c.gate("gguf-quantized-logits-vs-hf-fp32").unwrap();
-    assert_eq!((quant.metric, quant.value.clone()), (Metric::LogitsRelL2, Threshold::FloorMultiple(2.0)));
+    assert_eq!((quant.metric, quant.value), (Metric::LogitsRelL2, Threshold::FloorMultiple(2.0)));
     assert_eq!(top1.value, Threshold::Absolute(1.0));
     let count = c.gate("layer-count-parity").unwrap();
     assert_eq!(count.metric, Metric::LayerCountParity);

@@ -35,8 +35,17 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-3, value_parser = non_negative)]
     pub layer_threshold: f64,
     /// Reference top-1/top-2 logit margin at or below which a position counts as a tie.
-    #[arg(long, default_value_t = 1e-3, value_parser = non_negative)]
+    #[arg(long, default_value_t = 1e-3, value_parser = non_negative, conflicts_with = "tie_from_floors")]
     pub tie_threshold: f64,
+    /// Derive the tie threshold from `--floors` as `runner once` does for a pair:
+    /// max(1e-3, 3·√2·floor·rms of the reference's logits), the pair's own noise on a margin.
+    #[arg(long, requires = "floors")]
+    pub tie_from_floors: bool,
+    /// Write the noise floors of this comparison (the largest rel-L2 of the logits and of
+    /// every capture, the mean KLD) to FILE, for `--floors` of later comparisons: compare two
+    /// references of one kind first, then an engine against one of them.
+    #[arg(long, value_name = "FILE")]
+    pub save_floors: Option<PathBuf>,
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {
@@ -48,8 +57,15 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     let engine = Dump::open(&args.engine).context("reading the engine's dump")?;
     let reference = Dump::open(&args.reference).context("reading the reference dump")?;
     let floors = args.floors.as_deref().map(NoiseFloors::load).transpose()?;
+    let tie_threshold = match (&floors, args.tie_from_floors) {
+        (Some(f), true) => {
+            let rms = crate::once::logits_rms(&reference).context("reading the reference's logits")?;
+            crate::once::tie_threshold(f.logits, rms)
+        }
+        _ => args.tie_threshold,
+    };
     let opts = Options {
-        tie_threshold: args.tie_threshold,
+        tie_threshold,
         layer_threshold: args.layer_threshold,
         floors,
         floor_k: args.floor_k,
@@ -57,6 +73,10 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     };
     let report = metrics::compare(&engine, &reference, &opts)
         .with_context(|| format!("comparing {} with {}", args.engine.display(), args.reference.display()))?;
+    if let Some(path) = &args.save_floors {
+        let what = format!("{} vs {}", args.engine.display(), args.reference.display());
+        NoiseFloors::from_report(&report, what).save(path)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).context("serializing the report")?);
     } else {

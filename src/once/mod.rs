@@ -441,15 +441,16 @@ pub const TIE_Z: f64 = 3.0;
 /// A rel-L2 of `floor` at a position is a perturbation of per-logit size about
 /// `floor × rms`; the top-1/top-2 margin moves by the difference of two such
 /// perturbations, about `√2 × floor × rms`. A margin within `TIE_Z` of that is a tie the
-/// pair's own noise can flip, so there the engine's token need only be in the reference's
-/// top 2. Never below [`MIN_TIE_THRESHOLD`] (f32 rounding of the logits themselves).
+/// pair's own noise can flip, so there the engine's token need only be tied with the
+/// reference's top-1 (within the threshold of it: its top 2, and any as close). Never below
+/// [`MIN_TIE_THRESHOLD`] (f32 rounding of the logits themselves).
 pub fn tie_threshold(floor: f64, rms: f64) -> f64 {
     let t = TIE_Z * std::f64::consts::SQRT_2 * floor * rms;
     if t.is_finite() { t.max(MIN_TIE_THRESHOLD) } else { MIN_TIE_THRESHOLD }
 }
 
 /// Root-mean-square of every finite logit of a dump (f64, prompts in manifest order).
-fn logits_rms(dump: &Dump) -> Result<f64, crate::protocol::ProtocolError> {
+pub fn logits_rms(dump: &Dump) -> Result<f64, crate::protocol::ProtocolError> {
     let (mut sum, mut n) = (0.0f64, 0usize);
     for p in &dump.manifest.prompts {
         let shard = dump.shard(&p.id)?;
