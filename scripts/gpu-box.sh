@@ -34,6 +34,25 @@ export PARITYBENCH_TOKENIZER="$here/tok/tokenizer.json"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 chmod +x ./runner
+lc=/tmp/lc   # llama.cpp's builds and the GGUF files, shared by the calls of one sitting
+# what every gpu-gguf.py call is given: the runner, the tokenizer, llama.cpp's tree and binaries
+gguf_args=(--runner ./runner --template /tmp/pbgguf-request.json --tok tok --llamacpp llama.cpp
+  --quantize "$lc/cpu/bin/llama-quantize" --bench-bin "$lc/cuda/bin/llama-bench")
+dev="${ONCE_DEVICE:-cuda:0}"   # the device `once` builds references and runs the engine on
+
+# llama.cpp's CUDA build and a CPU-only llama-quantize, each once per machine, in their own
+# process sessions (they outlive the call that starts them)
+start_llamacpp_builds() {
+  mkdir -p "$lc"
+  for kind in cuda cpu; do
+    if [[ ! -e "$lc/$kind.started" ]]; then
+      touch "$lc/$kind.started"
+      mode=build; [[ "$kind" == cpu ]] && mode=build-cpu
+      setsid nohup bash scripts/gpu-llamacpp.sh "$mode" llama.cpp "$lc/$kind" 90 > "$lc/$kind.log" 2>&1 < /dev/null &
+    fi
+  done
+}
+
 case "$phase" in
   parity)
     python3 scripts/gpu-run.py parity --runner ./runner --out "$out" --template request.template.json \
@@ -52,21 +71,12 @@ case "$phase" in
       --models "$bm" ${BENCH_RUNNERS:+--runners "$BENCH_RUNNERS"} 2>&1 | tee "$out/run.log"
     ;;
   prep)
-    lc=/tmp/lc
-    mkdir -p "$lc"
-    for kind in cuda cpu; do
-      if [[ ! -e "$lc/$kind.started" ]]; then
-        touch "$lc/$kind.started"
-        mode=build; [[ "$kind" == cpu ]] && mode=build-cpu
-        setsid nohup bash scripts/gpu-llamacpp.sh "$mode" llama.cpp "$lc/$kind" 90 > "$lc/$kind.log" 2>&1 < /dev/null &
-      fi
-    done
+    start_llamacpp_builds
     if [[ ! -e "$lc/files.started" ]]; then
       touch "$lc/files.started"
       # the files step waits for the CPU llama-quantize; `gguf` waits for this process
-      setsid nohup bash -c "python3 scripts/gpu-gguf.py files --models '${models:-qwen3-0.6b,qwen3-4b-shape,qwen3-moe-3b-shape}' \
-        --runner ./runner --out '$lc/files-out' --template /tmp/pbgguf-request.json --tok tok --llamacpp llama.cpp \
-        --quantize '$lc/cpu/bin/llama-quantize' --bench-bin '$lc/cuda/bin/llama-bench'; touch '$lc/files.done'" \
+      setsid nohup bash -c 'python3 scripts/gpu-gguf.py files "$@"; touch "'"$lc"'/files.done"' gguf-files \
+        --models "${models:-qwen3-0.6b,qwen3-4b-shape,qwen3-moe-3b-shape}" --out "$lc/files-out" "${gguf_args[@]}" \
         > "$lc/files.log" 2>&1 < /dev/null &
     fi
     echo "prep: llama.cpp builds and GGUF files started in the background (logs in $lc)"
@@ -77,8 +87,8 @@ case "$phase" in
     # on cuda:0 against them; the SQLite database and the outcome come back.
     om="${models:-qwen3-dense,qwen3-moe,qwen3-moe-mixed,qwen2}"
     t0=$SECONDS
-    ./runner fixtures build --device "${ONCE_DEVICE:-cuda:0}" --references hf --models "$om" > "$out/fixtures-build.txt" 2>&1
-    echo "fixtures build (HF on ${ONCE_DEVICE:-cuda:0}, $om): rc=$? in $((SECONDS - t0)) s" | tee -a "$out/fixtures-build.txt"
+    ./runner fixtures build --device "$dev" --references hf --models "$om" > "$out/fixtures-build.txt" 2>&1
+    echo "fixtures build (HF on $dev, $om): rc=$? in $((SECONDS - t0)) s" | tee -a "$out/fixtures-build.txt"
     if ! command -v git > /dev/null; then   # the carried git (gpu-carry.sh) where the box has none
       export PATH="$here/gitbin:$PATH" GIT_EXEC_PATH="$here/gitbin" LD_LIBRARY_PATH="$here/gitbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
@@ -91,13 +101,13 @@ case "$phase" in
 [engines.paritybench]
 build = "true"
 run = "$here/runner engine run --request {request} --out {out}"
-device = "${ONCE_DEVICE:-cuda:0}"
+device = "$dev"
 timeout_s = 900
 EOT
     t0=$SECONDS
     (cd "$repo" && "$here/runner" once --config /tmp/pb-gpu-once.toml --commit "$sha") > "$out/once.txt" 2> "$out/once.stderr.txt"
     rc=$?
-    echo "runner once --commit $sha on ${ONCE_DEVICE:-cuda:0}: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/once.txt"
+    echo "runner once --commit $sha on $dev: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/once.txt"
     (cd "$repo" && "$here/runner" once --config /tmp/pb-gpu-once.toml --commit "$sha" --json) > "$out/once-again.json" 2>> "$out/once.stderr.txt"
     echo "second run of the same commit: exit $?" | tee -a "$out/once.txt"
     python3 -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
@@ -105,25 +115,16 @@ EOT
     grep -vE "^PASSED" "$out/once.txt" | tail -n 40
     ;;
   gguf)
-    lc=/tmp/lc
     mkdir -p "$lc"
     if [[ -e "$lc/files.started" && ! -e "$lc/files.done" ]]; then   # prep's files step
       echo "waiting for prep's GGUF files ..."
       while [[ ! -e "$lc/files.done" ]]; do sleep 3; done
     fi
-    for kind in cuda cpu; do
-      if [[ ! -e "$lc/$kind.started" ]]; then
-        touch "$lc/$kind.started"
-        mode=build; [[ "$kind" == cpu ]] && mode=build-cpu
-        setsid nohup bash scripts/gpu-llamacpp.sh "$mode" llama.cpp "$lc/$kind" 90 > "$lc/$kind.log" 2>&1 < /dev/null &
-      fi
-    done
+    start_llamacpp_builds
     export PB_GPU_RUN_REUSE=1   # finished dumps of an earlier call are compared, not run again
     # stopped (SIGINT, then SIGKILL) GGUF_BUDGET seconds in, so that what it saved still comes back
     timeout -k 10 -s INT "${GGUF_BUDGET:-560}" python3 scripts/gpu-gguf.py "${GGUF_STEPS:-files,check,parity,bench}" ${GGUF_MODELS:+--models "$GGUF_MODELS"} \
-      --runner ./runner --out "$out" \
-      --template /tmp/pbgguf-request.json --tok tok --llamacpp llama.cpp \
-      --quantize "$lc/cpu/bin/llama-quantize" --bench-bin "$lc/cuda/bin/llama-bench" 2>&1 | tee "$out/run.log"
+      --out "$out" "${gguf_args[@]}" 2>&1 | tee "$out/run.log"
     mkdir -p "$out/logs"
     cp "$lc"/*.log "$lc"/*.txt "$out/logs/" 2>/dev/null
     for b in cuda cpu; do cp "$lc/$b/build-times.txt" "$out/logs/build-times-$b.txt" 2>/dev/null; done
