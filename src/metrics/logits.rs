@@ -670,11 +670,10 @@ pub struct RankedIds {
     /// Descending; the first `len` are valid (at most [`TOP_K`] are kept).
     ids: [u32; TOP_K],
     len: usize,
-    /// `logit(top-1) − logit(top-i)` for each kept id (0 for the first), when known: from
-    /// logits, or `ln p₁ − ln pᵢ` from probabilities (softmax keeps logit differences).
+    /// `logit(top-1) − logit(top-i)` for each kept id (0 for the first; infinite where not
+    /// known), when the margin is known: from logits, or `ln p₁ − ln pᵢ` from probabilities
+    /// (softmax keeps logit differences).
     gaps: Option<[f64; TOP_K]>,
-    /// `logit(top-1) − logit(top-2)`, when known (the second of the gaps, or given alone).
-    pub margin: Option<f64>,
 }
 
 impl RankedIds {
@@ -682,18 +681,25 @@ impl RankedIds {
     /// no gaps below the second.
     pub fn new(ids: &[u32], margin: Option<f64>) -> RankedIds {
         let len = ids.len().min(TOP_K);
-        let mut r = RankedIds { ids: [0; TOP_K], len, gaps: None, margin };
+        let gaps = margin.map(|m| {
+            let mut g = [f64::INFINITY; TOP_K];
+            (g[0], g[1]) = (0.0, m);
+            g
+        });
+        let mut r = RankedIds { ids: [0; TOP_K], len, gaps };
         r.ids[..len].copy_from_slice(&ids[..len]);
         r
     }
-    /// The first [`TOP_K`] of `ids` (descending) with each one's gap to the first.
+    /// The first [`TOP_K`] of `ids` (descending) with each one's gap to the first (no margin,
+    /// and so no gaps, below two).
     pub fn with_gaps(ids: &[u32], gaps: &[f64]) -> RankedIds {
         let mut r = RankedIds::new(ids, None);
-        let mut g = [f64::INFINITY; TOP_K];
         let n = r.len.min(gaps.len());
-        g[..n].copy_from_slice(&gaps[..n]);
-        r.margin = (n >= 2).then(|| g[1]);
-        r.gaps = Some(g);
+        if n >= 2 {
+            let mut g = [f64::INFINITY; TOP_K];
+            g[..n].copy_from_slice(&gaps[..n]);
+            r.gaps = Some(g);
+        }
         r
     }
     pub fn from_topk(t: &TopK) -> RankedIds {
@@ -709,15 +715,17 @@ impl RankedIds {
     pub fn top1(&self) -> Option<u32> {
         self.ids().first().copied()
     }
+    /// `logit(top-1) − logit(top-2)`, when known.
+    pub fn margin(&self) -> Option<f64> {
+        self.gaps.map(|g| g[1])
+    }
     /// Whether `id` is tied with this ranking's top-1: within `threshold` of it, among the
-    /// kept ids. Without the gaps below the second, only the second can be told tied.
+    /// kept ids (an unknown gap is infinite: never a tie).
     fn tied_with_top1(&self, id: u32, threshold: f64) -> bool {
-        let rank = self.ids().iter().position(|&x| x == id);
-        match (rank, &self.gaps) {
-            (Some(0), _) => true,
-            (Some(r), Some(g)) => g[r] <= threshold,
-            (Some(1), None) => self.margin.is_some_and(|m| m <= threshold),
-            _ => false,
+        match self.ids().iter().position(|&x| x == id) {
+            Some(0) => true,
+            Some(r) => self.gaps.is_some_and(|g| g[r] <= threshold),
+            None => false,
         }
     }
 }
@@ -741,7 +749,7 @@ pub struct TopkAgreement {
 /// that are as close (a three- or five-way near-tie has as many right answers).
 pub fn topk_agreement(a: &RankedIds, b: &RankedIds, tie_threshold: f64) -> TopkAgreement {
     let top1 = matches!((a.top1(), b.top1()), (Some(x), Some(y)) if x == y);
-    let top1_margin_aware = match (b.margin, a.top1()) {
+    let top1_margin_aware = match (b.margin(), a.top1()) {
         (Some(m), Some(_)) if m > tie_threshold => Some(top1),
         (Some(_), Some(x)) => Some(b.tied_with_top1(x, tie_threshold)),
         (Some(_), None) => Some(false),
@@ -1113,7 +1121,7 @@ mod tests {
         // a three-way near-tie (gaps known): the third is right too, the fourth is not
         let gaps = [0.0, 2e-4, 6e-4, 2e-3, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0];
         let three_way = RankedIds::with_gaps(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &gaps);
-        assert_eq!(three_way.margin, Some(2e-4));
+        assert_eq!(three_way.margin(), Some(2e-4));
         assert_eq!(topk_agreement(&third, &three_way, 1e-3).top1_margin_aware, Some(true));
         let fourth = r(&[4, 1, 2], None);
         assert_eq!(topk_agreement(&fourth, &three_way, 1e-3).top1_margin_aware, Some(false));

@@ -602,7 +602,7 @@ fn topk_series(a: &[RankedIds], b: &[RankedIds], tie_threshold: f64) -> TopkSeri
     TopkSeries {
         engine_top1: a.iter().map(top1_id).collect(),
         reference_top1: b.iter().map(top1_id).collect(),
-        reference_margin: b.iter().map(|r| r.margin).collect(),
+        reference_margin: b.iter().map(|r| r.margin()).collect(),
         top1: g.iter().map(|x| x.top1).collect(),
         top1_margin_aware: g.iter().map(|x| x.top1_margin_aware).collect(),
         top5_overlap: g.iter().map(|x| x.top5_overlap).collect(),
