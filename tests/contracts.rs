@@ -81,30 +81,24 @@ fn seed_contract_encodes_the_seeds_gates() {
     assert_eq!(count.metric, Metric::LayerCountParity);
 
     // Scopes: the cosine gate applies to HF FP16 references only.
-    let subject = |reference: &str| Subject {
-        engine: "apr".into(),
-        model: "m".into(),
-        reference: reference.into(),
-        ..Default::default()
-    };
-    assert!(cos.scope.matches(&subject("hf-f16")));
-    assert!(cos.scope.matches(&subject("HF-FP16-sdpa")));
-    assert!(!cos.scope.matches(&subject("hf-f32")));
-    assert!(top1.scope.matches(&subject("llamacpp-q8_0")));
-    assert!(top1.scope.matches(&subject("llamacpp-f16-incremental")));
+    assert!(cos.scope.matches(&subject_of("hf-f16")));
+    assert!(cos.scope.matches(&subject_of("HF-FP16-sdpa")));
+    assert!(!cos.scope.matches(&subject_of("hf-f32")));
+    assert!(top1.scope.matches(&subject_of("llamacpp-q8_0")));
+    assert!(top1.scope.matches(&subject_of("llamacpp-f16-incremental")));
     assert!(
-        !top1.scope.matches(&subject("llamacpp-q8_0-fa")),
+        !top1.scope.matches(&subject_of("llamacpp-q8_0-fa")),
         "llama.cpp's flash-attention path is a floor, not the seeds' llama.cpp"
     );
-    assert!(!top1.scope.matches(&subject("hf-f16")));
+    assert!(!top1.scope.matches(&subject_of("hf-f16")));
     // GGUF files: the absolute cosine for unquantized files, llama.cpp's distance for quantized ones
-    let file = |dtype: &str| Subject { dtype: Some(dtype.into()), ..subject("hf-fp32-eager") };
+    let file = |dtype: &str| Subject { dtype: Some(dtype.into()), ..subject_of("hf-fp32-eager") };
     assert!(gguf.scope.matches(&file("f16")) && gguf.scope.matches(&file("BF16")));
     assert!(!gguf.scope.matches(&file("q4_k_m")));
     assert!(quant.scope.matches(&file("q4_k_m")) && quant.scope.matches(&file("q8_0")));
     assert!(!quant.scope.matches(&file("f16")));
     assert!(
-        !quant.scope.matches(&Subject { dtype: Some("q8_0".into()), ..subject("hf-fp32-sdpa") }),
+        !quant.scope.matches(&Subject { dtype: Some("q8_0".into()), ..subject_of("hf-fp32-sdpa") }),
         "no floor vs SDPA"
     );
 }
@@ -115,17 +109,11 @@ fn a_scope_field_may_list_globs_and_exclude_with_a_bang() {
         "  - {id: lc, metric: top1, reduction: mean, comparison: \">=\", value: 0.5, scope: {reference: [\"llamacpp-*\", \"!*-fa\", \"!*-incremental\"]}}\n",
     );
     let g = c.gate("lc").unwrap();
-    let r = |reference: &str| Subject {
-        engine: "e".into(),
-        model: "m".into(),
-        reference: reference.into(),
-        ..Default::default()
-    };
-    assert!(g.scope.matches(&r("llamacpp-q8_0")));
-    assert!(g.scope.matches(&r("LLAMACPP-Q4_K_M")));
-    assert!(!g.scope.matches(&r("llamacpp-q8_0-fa")));
-    assert!(!g.scope.matches(&r("llamacpp-f16-incremental")));
-    assert!(!g.scope.matches(&r("hf-fp32-eager")));
+    assert!(g.scope.matches(&subject_of("llamacpp-q8_0")));
+    assert!(g.scope.matches(&subject_of("LLAMACPP-Q4_K_M")));
+    assert!(!g.scope.matches(&subject_of("llamacpp-q8_0-fa")));
+    assert!(!g.scope.matches(&subject_of("llamacpp-f16-incremental")));
+    assert!(!g.scope.matches(&subject_of("hf-fp32-eager")));
     // a bad glob in a list is named with the gate and the field
     let e = parse(&format!(
         "id: t\nversion: 1\ngates:\n{}",
@@ -284,6 +272,11 @@ parity_gates:
 }
 
 // ------------------------------------------------------------------------- evaluation
+
+/// A subject that only names its reference (for scope checks).
+fn subject_of(reference: &str) -> Subject {
+    Subject { engine: "apr".into(), model: "m".into(), reference: reference.into(), ..Default::default() }
+}
 
 fn contract_with(gates: &str) -> Contract {
     parse(&format!("id: t\nversion: 7\ngates:\n{gates}")).unwrap_or_else(|e| panic!("{e}"))
