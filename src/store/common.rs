@@ -830,11 +830,16 @@ macro_rules! impl_store {
                         None => false,
                     };
                     if !holds {
+                        // roll back now: a dropped transaction's rollback waits for the pooled
+                        // connection's next use, and the job row stays locked until then
+                        // (a claim's SKIP LOCKED would pass the job over)
+                        tx.rollback().await.map_err(query_err(doing))?;
                         return Err(StoreError::LeaseLost { run: id, job: JobId(job) });
                     }
                 }
                 let from = parse_text("runs.status", col(&row, "status")?, RunStatus::parse)?;
                 if from.is_finished() {
+                    tx.rollback().await.map_err(query_err(doing))?;
                     return Err(StoreError::InvalidTransition { run: id, from, to: results.status });
                 }
                 let engine_id: i64 = col(&row, "engine_id")?;
