@@ -68,7 +68,7 @@ case "$phase" in
     [[ -z "$shapes" ]] || python3 scripts/gpu-bench-models.py --out /tmp/pbbench --tokenizer-dir tok \
       --models "$shapes" 2>&1 | tee -a "$out/gen.log"
     python3 scripts/gpu-run.py bench --runner ./runner --out "$out" --template request.template.json \
-      --models "$bm" ${BENCH_RUNNERS:+--runners "$BENCH_RUNNERS"} 2>&1 | tee "$out/run.log"
+      --models "$bm" ${BENCH_RUNNERS:+--runners "$BENCH_RUNNERS"} ${BENCH_PROFILE:+--profile} 2>&1 | tee "$out/run.log"
     ;;
   prep)
     start_llamacpp_builds

@@ -102,14 +102,15 @@ class Ctx:
         log(f"{name}: rc={rc} {s:.1f}s")
         return d if rc == 0 else None
 
-    def run_engine(self, name, req):
+    def run_engine(self, name, req, env=None):
         if self.reused(name):
             return self.work / name
         rp = self.work / f"{name}.request.json"
         rp.write_text(json.dumps(req))
         d = self.work / name
         shutil.rmtree(d, ignore_errors=True)
-        rc, s = sh([self.runner, "engine", "run", "--request", rp, "--out", d], self.logs / f"{name}.log")
+        rc, s = sh([self.runner, "engine", "run", "--request", rp, "--out", d], self.logs / f"{name}.log",
+                   env=None if env is None else {**os.environ, **env})
         log(f"{name}: rc={rc} {s:.1f}s")
         return d if rc == 0 else None
 
@@ -256,6 +257,14 @@ def bench(ctx, args):
             ctx.results[name] = r
             ctx.save("bench")
             log(f"{name}: prefill {r['prefill_tok_s']} tok/s decode {r['decode_tok_s']} tok/s peak {r['peak_gpu_bytes']}")
+            if args.profile and kind == "engine":
+                # the same request once more, step by step (PARITYBENCH_CUDA_PROFILE; slower, so untimed)
+                tsv = ctx.work / f"{name}.profile.tsv"
+                preq = {**req, "warmup": 1, "repeats": 1, "decode_steps": min(32, args.decode_steps)}
+                if ctx.run_engine(f"{name}-profile", preq, env={"PARITYBENCH_CUDA_PROFILE": str(tsv)}) and tsv.exists():
+                    ctx.results[name]["profile_tsv"] = tsv.read_text()
+                    ctx.save("bench")
+                    log(tsv.read_text())
 
 
 def model_bytes(md):
@@ -308,6 +317,8 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--runners", default="hf-fp16-eager,hf-fp16-sdpa,engine-cuda-f16",
                     help="bench: which of the runs to make, by name suffix")
+    ap.add_argument("--profile", action="store_true",
+                    help="bench: after each engine run, one more with PARITYBENCH_CUDA_PROFILE (step times)")
     args = ap.parse_args()
     os.environ.update({k: v for k, v in lib_env().items() if k == "LD_LIBRARY_PATH"})
     log(f"LD_LIBRARY_PATH={os.environ['LD_LIBRARY_PATH']}")

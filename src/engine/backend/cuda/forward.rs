@@ -304,6 +304,16 @@ pub fn upload_model(
             message: format!("{} experts; the routing kernel takes at most {}", m.n_experts, kernels::MAX_EXPERTS),
         });
     }
+    if model.config.head_dim > kernels::MAX_HEAD_DIM {
+        return Err(BackendError::Cuda {
+            call: "pb_attention".into(),
+            message: format!(
+                "head_dim {}; the attention kernel takes at most {}",
+                model.config.head_dim,
+                kernels::MAX_HEAD_DIM
+            ),
+        });
+    }
     // An injected bug (mutation tests) lives in the host copy: upload that one.
     #[cfg(feature = "mutation-testing")]
     let source = source.filter(|_| model.mutation.is_none());
@@ -450,9 +460,68 @@ fn gemm(
     .map_err(|e| cuda_err("cublasGemmEx", e))
 }
 
+/// Profiling ([`super::profile`]): starts a stretch of `phase` with `step`, behind `pb_spin`.
+fn prof_begin(g: &mut Gpu, ty: StorageType, phase: &'static str, step: &'static str) -> Result<(), BackendError> {
+    if g.profile.is_none() {
+        return Ok(());
+    }
+    let ns = super::profile::SPIN_NS;
+    launch!(g, ty, "pb_spin", kernels::spin_geometry(), ns);
+    let p = g.profile.as_mut().expect("checked above");
+    p.begin(phase, step, &g.stream)
+}
+
+/// Profiling: the next kernels belong to `step`.
+fn prof_step(g: &mut Gpu, step: &'static str) -> Result<(), BackendError> {
+    match g.profile.as_mut() {
+        Some(p) => p.step(step, &g.stream),
+        None => Ok(()),
+    }
+}
+
+/// Profiling: ends the stretch (before a sync); returns its phase, to begin the next one.
+fn prof_end(g: &mut Gpu) -> Result<Option<&'static str>, BackendError> {
+    match g.profile.as_mut() {
+        Some(p) if p.in_stretch() => {
+            let phase = p.phase();
+            p.end(&g.stream)?;
+            Ok(Some(phase))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Profiling: `ms` of host-only work in `step`.
+fn prof_host(g: &mut Gpu, step: &'static str, t0: std::time::Instant) {
+    if let Some(p) = g.profile.as_mut() {
+        p.host(step, t0.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+/// `out[t, n] = x[t, k] · w[n, k]ᵀ`: `pb_gemv` for the few rows of a decode step (a tiled
+/// product cannot fill the GPU with them), cuBLAS otherwise; f32 accumulation either way.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    g: &mut Gpu,
+    ty: StorageType,
+    out: u64,
+    x: u64,
+    w: u64,
+    t: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), BackendError> {
+    if t > kernels::GEMV_ROWS {
+        return gemm(g, ty, out, x, w, t, k, n);
+    }
+    let (ti, ki, ni) = (t as i32, k as i32, n as i32);
+    launch!(g, ty, "pb_gemv", kernels::gemv_geometry(n), out, x, w, ti, ki, ni);
+    Ok(())
+}
+
 /// `out = x Wᵀ + b` for `t` rows.
 fn linear(g: &mut Gpu, ty: StorageType, l: &DevLinear, out: u64, x: u64, t: usize) -> Result<(), BackendError> {
-    gemm(g, ty, out, x, l.w.ptr, t, l.in_features, l.out_features)?;
+    matmul(g, ty, out, x, l.w.ptr, t, l.in_features, l.out_features)?;
     if let Some(b) = &l.b {
         let n = l.out_features as i32;
         launch!(g, ty, "pb_add_bias", kernels::rows_geometry(t, l.out_features), out, b.ptr, n);
@@ -506,7 +575,7 @@ fn upload_into<T>(g: &Gpu, dst: u64, v: &[T]) -> Result<(), BackendError> {
 /// Records capture `point` of layer `layer` from `[t, width]` at `src`, if the plan wants it.
 #[allow(clippy::too_many_arguments)]
 fn capture(
-    g: &Gpu,
+    g: &mut Gpu,
     ty: StorageType,
     io: &mut ForwardIo<'_>,
     point: CapturePoint,
@@ -516,8 +585,14 @@ fn capture(
     width: usize,
 ) -> Result<(), BackendError> {
     if io.plan.wants(point, layer) && !io.capture_rows.is_empty() {
+        let phase = prof_end(g)?;
+        let t0 = std::time::Instant::now();
         let v = download(g, ty, src, t * width)?;
         io.sink.push_f32(point, layer, &v, width, io.capture_rows);
+        if let Some(phase) = phase {
+            prof_host(g, "capture_download", t0);
+            prof_begin(g, ty, phase, "after_capture")?;
+        }
     }
     Ok(())
 }
@@ -716,6 +791,7 @@ pub fn forward(
 
     // 1. Token embedding. x: [t, H]
     let hi = h as i32;
+    prof_begin(g, ty, if t > 1 { "prefill" } else { "decode" }, "embed")?;
     launch!(g, ty, "pb_embed", kernels::rows_geometry(t, h), p.x, embed, p.ids, hi);
     capture(g, ty, io, CapturePoint::Embed, 0, p.x, t, h)?;
 
@@ -723,15 +799,18 @@ pub fn forward(
     let layers = unsafe { &*layers };
     for (li, l) in layers.iter().enumerate() {
         // 2. Input RMSNorm. hn: [t, H]
+        prof_step(g, "attn_norm")?;
         rmsnorm(g, ty, p.hn, p.x, l.attn_norm.ptr, t, h, eps)?;
         capture(g, ty, io, CapturePoint::AttnNorm, li, p.hn, t, h)?;
 
         // 3. q, k, v projections (+ bias). q: [t, q_dim], k, v: [t, kv_dim]
+        prof_step(g, "qkv")?;
         linear(g, ty, &l.q, p.q, p.hn, t)?;
         linear(g, ty, &l.k, p.k, p.hn, t)?;
         linear(g, ty, &l.v, p.v, p.hn, t)?;
 
         // 4. Per-head RMSNorm of q and k (qwen3), then RoPE.
+        prof_step(g, "qk_norm_rope")?;
         if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
             rmsnorm(g, ty, p.q, p.q, qn.ptr, t * c.n_heads, hd, eps)?;
             rmsnorm(g, ty, p.k, p.k, kn.ptr, t * c.n_kv_heads, hd, eps)?;
@@ -741,6 +820,7 @@ pub fn forward(
         launch!(g, ty, "pb_rope", kernels::rope_geometry(t, c.n_kv_heads, hd), p.k, inv_freq, pos, nkv, hdi);
 
         // 5. Append k, v to the cache; causal GQA attention.
+        prof_step(g, "kv_append")?;
         let (kc, vc) = (g.state.k_cache[li].ptr, g.state.v_cache[li].ptr);
         let off = (pos0 * kv * s) as u64;
         // SAFETY: the cache holds `capacity >= pos0 + t` rows of `kv` elements; k and v hold t rows.
@@ -750,6 +830,7 @@ pub fn forward(
             cur::memcpy_dtod_async(vc + off, p.v, t * kv * s, g.stream.cu_stream())
                 .map_err(|e| cuda_err("cuMemcpyDtoD", e))?;
         }
+        prof_step(g, "attention")?;
         launch!(
             g,
             ty,
@@ -767,22 +848,28 @@ pub fn forward(
         );
 
         // 6. Output projection, residual add.
+        prof_step(g, "o_proj")?;
         linear(g, ty, &l.o, p.o, p.attn, t)?;
         capture(g, ty, io, CapturePoint::AttnOut, li, p.o, t, h)?;
         let n_th = (t * h) as i64;
+        prof_step(g, "residual")?;
         launch!(g, ty, "pb_add", kernels::elementwise_geometry(t * h), p.x, p.o, n_th);
 
         // 7. Post-attention RMSNorm.
+        prof_step(g, "ffn_norm")?;
         rmsnorm(g, ty, p.hn, p.x, l.ffn_norm.ptr, t, h, eps)?;
         capture(g, ty, io, CapturePoint::FfnNorm, li, p.hn, t, h)?;
 
         // 8. Feed-forward. o: [t, H]
         match &l.ffn {
             DevFfn::Dense { gate, up, down } => {
+                prof_step(g, "gate_up")?;
                 linear(g, ty, gate, p.g, p.hn, t)?;
                 linear(g, ty, up, p.u, p.hn, t)?;
                 let n = (t * gate.out_features) as i64;
+                prof_step(g, "swiglu")?;
                 launch!(g, ty, "pb_swiglu", kernels::elementwise_geometry(t * gate.out_features), p.g, p.u, n);
+                prof_step(g, "down")?;
                 linear(g, ty, down, p.o, p.g, t)?;
             }
             DevFfn::Sparse(m) => sparse_moe(g, ty, m, &p, li, t, h, io)?,
@@ -790,12 +877,14 @@ pub fn forward(
         capture(g, ty, io, CapturePoint::FfnOut, li, p.o, t, h)?;
 
         // 9. Residual add.
+        prof_step(g, "residual")?;
         launch!(g, ty, "pb_add", kernels::elementwise_geometry(t * h), p.x, p.o, n_th);
         capture(g, ty, io, CapturePoint::LayerOut, li, p.x, t, h)?;
     }
     cache.advance(t)?;
 
     // 10. Final RMSNorm of every row (hn: [t, H]).
+    prof_step(g, "final_norm")?;
     rmsnorm(g, ty, p.hn, p.x, norm, t, h, eps)?;
     capture(g, ty, io, CapturePoint::FinalNorm, 0, p.hn, t, h)?;
 
@@ -810,10 +899,17 @@ pub fn forward(
         };
         let sel: Vec<i32> = io.logit_rows.iter().map(|&r| r as i32).collect();
         upload_into(g, rows, &sel)?;
+        prof_step(g, "lm_head")?;
         launch!(g, ty, "pb_gather_rows", kernels::rows_geometry(n, h), lin, p.hn, rows, hi);
-        gemm(g, ty, lg, lin, lm_head, n, h, c.vocab_size)?;
+        matmul(g, ty, lg, lin, lm_head, n, h, c.vocab_size)?;
+        let profiled = prof_end(g)?.is_some();
+        let t0 = std::time::Instant::now();
         *io.logits = download(g, ty, lg, n * c.vocab_size)?;
+        if profiled {
+            prof_host(g, "logits_download", t0);
+        }
     } else {
+        prof_end(g)?;
         g.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize", e))?;
     }
     Ok(())
@@ -834,10 +930,14 @@ fn sparse_moe(
 ) -> Result<(), BackendError> {
     let (e, k, im) = (m.n_experts, m.top_k, m.inter);
     let s = ty.size();
+    prof_step(g, "moe_router")?;
     linear(g, ty, &m.router, p.router, p.hn, t)?;
     capture(g, ty, io, CapturePoint::MoeRouter, layer, p.router, t, e)?;
     let (ti, ei, ki, renorm) = (t as i32, e as i32, k as i32, m.renorm as i32);
+    prof_step(g, "moe_route")?;
     launch!(g, ty, "pb_moe_route", kernels::route_geometry(t), p.topk_ids, p.topk_w, p.router, ti, ei, ki, renorm);
+    let phase = prof_end(g)?;
+    let t0 = std::time::Instant::now();
     let ids = download_i32(g, p.topk_ids, t * k)?;
     let mut w = vec![0f32; t * k];
     // SAFETY: `topk_w` holds t * k f32; synchronised before `w` is read.
@@ -855,6 +955,10 @@ fn sparse_moe(
     let (rows, weights) = (&plan.rows, &plan.weights);
     upload_into(g, p.route_rows, rows)?;
     upload_into(g, p.route_w, weights)?;
+    if let Some(phase) = phase {
+        prof_host(g, "moe_plan", t0);
+        prof_begin(g, ty, phase, "moe_experts")?;
+    }
 
     // SAFETY: `o` holds t * H elements.
     unsafe { cur::memset_d8_async(p.o, 0, t * h * s, g.stream.cu_stream()) }.map_err(|e| cuda_err("cuMemset", e))?;
@@ -866,11 +970,11 @@ fn sparse_moe(
         }
         let (rows_x, w_x) = (p.route_rows + (start * 4) as u64, p.route_w + (start * 4) as u64);
         launch!(g, ty, "pb_gather_rows", kernels::rows_geometry(n, h), p.moe_in, p.hn, rows_x, hi);
-        gemm(g, ty, p.g, p.moe_in, m.gate.at(x * im * h, s), n, h, im)?;
-        gemm(g, ty, p.u, p.moe_in, m.up.at(x * im * h, s), n, h, im)?;
+        matmul(g, ty, p.g, p.moe_in, m.gate.at(x * im * h, s), n, h, im)?;
+        matmul(g, ty, p.u, p.moe_in, m.up.at(x * im * h, s), n, h, im)?;
         let ni = (n * im) as i64;
         launch!(g, ty, "pb_swiglu", kernels::elementwise_geometry(n * im), p.g, p.u, ni);
-        gemm(g, ty, p.moe_out, p.g, m.down.at(x * h * im, s), n, im, h)?;
+        matmul(g, ty, p.moe_out, p.g, m.down.at(x * h * im, s), n, im, h)?;
         launch!(g, ty, "pb_scatter_add_scaled", kernels::rows_geometry(n, h), p.o, p.moe_out, rows_x, w_x, hi);
         start += n;
     }

@@ -22,6 +22,8 @@ pub const KERNELS: &[&str] = &[
     "pb_moe_route",
     "pb_gather_rows",
     "pb_scatter_add_scaled",
+    "pb_gemv",
+    "pb_spin",
     "pb_dequant_f32",
     "pb_dequant_f16",
     "pb_dequant_bf16",
@@ -40,6 +42,15 @@ pub const BLOCK: u32 = 256;
 
 /// Threads per block of the element-wise kernels.
 pub const ELEMWISE: u32 = 256;
+
+/// Warps (output columns) per block of `pb_gemv`; `PB_GEMV_WARPS` in [`SOURCE`].
+pub const GEMV_WARPS: u32 = 4;
+
+/// The most rows `pb_gemv` multiplies at once (`PB_GEMV_ROWS`); more go to cuBLAS.
+pub const GEMV_ROWS: usize = 8;
+
+/// The largest head dimension `pb_attention` takes (`PB_MAX_HD`).
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// Rows handled per block by `pb_moe_route` (one thread per row).
 pub const ROUTE_BLOCK: u32 = 64;
@@ -181,9 +192,20 @@ pub fn attention_geometry(t: usize, pos0: usize, n_heads: usize) -> Geometry {
 }
 
 /// The longest sequence `pb_attention` can take with `shared_limit` bytes of shared memory
-/// per block (its reduction buffer takes [`BLOCK`] f32 besides the scores).
+/// per block (its reduction buffer of [`BLOCK`] f32 and the query of [`MAX_HEAD_DIM`] f32 are
+/// beside the scores).
 pub fn max_attention_keys(shared_limit: usize) -> usize {
-    shared_limit.saturating_sub(BLOCK as usize * 4) / 4
+    shared_limit.saturating_sub((BLOCK as usize + MAX_HEAD_DIM) * 4) / 4
+}
+
+/// `pb_gemv`: one warp per output column.
+pub fn gemv_geometry(n: usize) -> Geometry {
+    Geometry { grid: (blocks(n, GEMV_WARPS), 1, 1), block: (32 * GEMV_WARPS, 1, 1), shared_bytes: 0 }
+}
+
+/// `pb_spin`: one thread.
+pub fn spin_geometry() -> Geometry {
+    Geometry { grid: (1, 1, 1), block: (1, 1, 1), shared_bytes: 0 }
 }
 
 /// `pb_moe_route`: one thread per row.
@@ -203,6 +225,9 @@ mod tests {
         let defined = SOURCE.matches("extern \"C\" __global__ void ").count();
         assert_eq!(defined, KERNELS.len(), "kernels.cu defines {defined} kernels, KERNELS lists {}", KERNELS.len());
         assert!(SOURCE.contains(&format!("#define PB_BLOCK {BLOCK}")));
+        assert!(SOURCE.contains(&format!("#define PB_GEMV_WARPS {GEMV_WARPS}")));
+        assert!(SOURCE.contains(&format!("#define PB_GEMV_ROWS {GEMV_ROWS}")));
+        assert!(SOURCE.contains(&format!("#define PB_MAX_HD {MAX_HEAD_DIM}")));
         for op in ["atomicAdd(", "atomicCAS(", "atomicMax(", "atomicExch(", "atom."] {
             assert!(!SOURCE.contains(op), "reductions must not use atomics (repeatability): {op}");
         }
@@ -218,9 +243,11 @@ mod tests {
         assert_eq!(rope_geometry(3, 16, 128), Geometry { grid: (16, 3, 1), block: (64, 1, 1), shared_bytes: 0 });
         let a = attention_geometry(5, 100, 8);
         assert_eq!((a.grid, a.shared_bytes), ((8, 5, 1), 420));
-        assert_eq!(max_attention_keys(48 * 1024), 12032);
+        assert_eq!(max_attention_keys(48 * 1024), 11776);
         assert_eq!(route_geometry(65).grid.0, 2);
         assert_eq!(rmsnorm_geometry(9).grid.0, 9);
+        let v = gemv_geometry(1025);
+        assert_eq!((v.grid.0, v.block.0), (257, 128), "a warp for each of 1025 columns");
     }
 
     #[test]

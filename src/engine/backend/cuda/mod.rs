@@ -18,6 +18,7 @@
 pub mod dequant;
 pub mod forward;
 pub mod kernels;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -139,6 +140,8 @@ pub struct Gpu {
     pub peak: u64,
     /// Shared memory per block for `pb_attention`.
     pub shared_limit: usize,
+    /// Step timings, when [`profile::ENV`] is set.
+    pub profile: Option<profile::Profile>,
 }
 
 // SAFETY: the context and stream are cudarc's Send + Sync types; `DevBuf` holds plain
@@ -276,7 +279,9 @@ fn open_gpu(ordinal: usize) -> Result<CudaBackend, BackendError> {
         nvrtc_version: (nv_major, nv_minor),
         cublas_version,
     };
+    let profile = profile::Profile::from_env(&ctx);
     let gpu = Gpu {
+        profile,
         arch: kernels::arch_for(cc.0, cc.1),
         ctx,
         stream,
