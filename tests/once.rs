@@ -498,6 +498,60 @@ fn a_contract_typo_is_named_before_anything_runs() {
 }
 
 #[test]
+fn a_runner_killed_mid_run_is_recorded_by_the_next_one() {
+    use std::os::unix::process::CommandExt;
+    let w = world();
+    // the hanging engine, with a time limit the kill comes well before
+    let config = w.root().join("runner-patient.toml");
+    let toml =
+        std::fs::read_to_string(w.root().join("runner.toml")).unwrap().replace("timeout_s = 3", "timeout_s = 120");
+    std::fs::write(&config, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["once", "--commit", "hang", "--json", "--config"])
+        .arg(&config)
+        .current_dir(w.root())
+        .env("PARITYBENCH_CACHE", w.root().join("cache"))
+        .env("PARITYBENCH_DATA", w.data())
+        .env_remove("PARITYBENCH_DB")
+        .env_remove("PARITYBENCH_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // the run's files appear once it is recorded (the engine is hanging by then)
+    while std::fs::read_dir(w.data().join("runs")).map(|mut d| d.next().is_none()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the run was never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SIGKILL the runner and the engine it started (its process group), as a time limit does
+    // SAFETY: a plain kill(2) of the child's process group.
+    assert_eq!(unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) }, 0);
+    child.wait().unwrap();
+    let running = w.records().remove(0);
+    assert_eq!(running.run.status, RunStatus::Running, "nobody finished it: the runner died");
+
+    // the next run on this host finds it, finishes it as errored, and runs as usual
+    let (code, stdout, stderr) = w.once("correct", &[]);
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let note = format!("note: run {} was left running by pid {}, which is gone", running.run.id.0, child.id());
+    assert!(stderr.contains(&note), "{stderr}");
+    let r = w.records();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].run.status, RunStatus::Errored);
+    let error = r[0].run.error.as_deref().unwrap();
+    assert!(error.starts_with("abandoned:") && error.contains(&format!("pid {}", child.id())), "{error}");
+    assert!(r[0].run.finished_at.is_some());
+    assert_eq!(r[1].run.status, RunStatus::Passed);
+    // a third run finds nothing to finish (the second one's owner is gone too, but it finished)
+    let (code, _, stderr) = w.once("correct", &[]);
+    assert_eq!(code, 0);
+    assert!(!stderr.contains("was left running"), "{stderr}");
+}
+
+#[test]
 fn an_engine_that_dies_half_way_keeps_what_it_finished() {
     let w = world();
     let (code, stdout, stderr) = w.once("partial", &[]);

@@ -85,6 +85,29 @@ storage_case!(series_and_dashboard_reads);
 storage_case!(job_queue_leases_and_attempts);
 storage_case!(concurrent_claims_never_share_a_job);
 storage_case!(job_attempts_own_their_runs);
+storage_case!(running_runs_are_found_by_host_and_owner);
+
+/// The runs a later `runner once` checks for a dead owner: running, owned, on its host, not
+/// a job attempt's.
+async fn running_runs_are_found_by_host_and_owner(store: Arc<dyn Store>) {
+    let (engine, commit) = engine_and_commit(&*store, 7).await;
+    let owned = |host: &str, owner: Option<&str>| NewRun {
+        host: Some(host.into()),
+        owner: owner.map(String::from),
+        ..new_run(engine, commit, cpu(), vec![])
+    };
+    let a = store.create_run(&owned("box-a", Some("boot/ns/11/100"))).await.unwrap();
+    let _other_host = store.create_run(&owned("box-b", Some("boot/ns/12/100"))).await.unwrap();
+    let _no_owner = store.create_run(&owned("box-a", None)).await.unwrap();
+    let done = store.create_run(&owned("box-a", Some("boot/ns/13/100"))).await.unwrap();
+    store.finish_run(done, &RunResults::errored("finished")).await.unwrap();
+    let c = store.create_run(&owned("box-a", Some("boot/ns/14/100"))).await.unwrap();
+    let found = store.running_owned_runs("box-a").await.unwrap();
+    assert_eq!(found.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a, c], "running, owned, on box-a, oldest first");
+    assert_eq!(found[0].owner.as_deref(), Some("boot/ns/11/100"));
+    assert_eq!(store.run(a).await.unwrap().unwrap().owner.as_deref(), Some("boot/ns/11/100"));
+    assert!(store.running_owned_runs("box-c").await.unwrap().is_empty());
+}
 
 // ------------------------------------------------------------------------- fixtures
 
@@ -136,6 +159,7 @@ fn new_run(
         suite: "bundled".into(),
         device,
         host: Some("gpu-box-1".into()),
+        owner: None,
         fixture_ids: vec!["fx-qwen3-dense-hf-f16-1".into(), "fx-qwen3-dense-llamacpp-f16-1".into()],
         contracts,
         log_path: Some("/var/log/paritybench/run.log".into()),

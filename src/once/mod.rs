@@ -14,6 +14,7 @@
 
 pub mod git;
 pub mod judge;
+pub mod owner;
 pub mod record;
 pub mod refs;
 pub mod store_recorder;
@@ -165,7 +166,14 @@ pub fn run(
     let contracts = Contracts::load(&contract_paths)?;
     let groups = refs::discover(&cfg.cache_dir, &suite)?;
 
-    // 3. the record, before anything can crash
+    // 3. the record, before anything can crash; first, the runs of runners on this host that
+    // died without finishing theirs (killed, crashed) are finished as errored
+    let host = std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string());
+    if let Some(h) = &host {
+        for a in recorder.sweep_abandoned(h)? {
+            eprintln!("note: run {} was left running by pid {}, which is gone: recorded as errored", a.run, a.pid);
+        }
+    }
     let new = RunStart {
         engine: engine.name.clone(),
         repo: engine.repo.clone().or_else(|| Some(repo.display().to_string())),
@@ -174,7 +182,8 @@ pub fn run(
         commit_title: commit.title.clone(),
         suite: suite.clone(),
         device_key: device_key(&engine.device),
-        host: std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()),
+        host,
+        owner: owner::Owner::current().map(|o| o.to_string()),
         fixture_ids: {
             let mut ids: Vec<String> =
                 groups.iter().flat_map(|g| g.references.iter().map(|r| r.fixture_id.clone())).collect();

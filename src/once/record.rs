@@ -40,6 +40,8 @@ pub struct RunStart {
     /// `cpu|<model name>` or `cuda|<gpu>|driver=..`.
     pub device_key: String,
     pub host: Option<String>,
+    /// This process ([`super::owner::Owner`]), so a later run can tell if it died.
+    pub owner: Option<String>,
     pub fixture_ids: Vec<String>,
     /// Every contract the run is judged by.
     pub contracts: Vec<ContractRef>,
@@ -55,6 +57,18 @@ pub trait Recorder {
     fn run_dir(&self, id: i64) -> PathBuf;
     /// Every recorded run with what it measured, oldest first.
     fn runs(&mut self) -> Result<Vec<RunDetails>, RecordError>;
+    /// Finishes as errored every run still `running` on `host` whose owning process is
+    /// certainly gone; returns them.
+    fn sweep_abandoned(&mut self, host: &str) -> Result<Vec<Abandoned>, RecordError>;
+}
+
+/// A run whose runner died before finishing it, finished as errored by a later one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Abandoned {
+    pub run: i64,
+    pub pid: u32,
+    /// What the run's error now says.
+    pub error: String,
 }
 
 /// The reference name a series is stored under: `<ref-id>` for prefill, `<ref-id>/<mode>`

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::record::{RecordError, Recorder, RunDetails, RunResults, RunStart};
+use super::owner::Owner;
+use super::record::{Abandoned, RecordError, Recorder, RunDetails, RunResults, RunStart};
 use crate::store::{self, CommitSha, DeviceFingerprint, JobId, NewCommit, NewRun, RunId, RunStatus, Store, Trigger};
 
 /// Records runs in a [`Store`], driving its async API from this synchronous command.
@@ -122,6 +123,7 @@ impl Recorder for StoreRecorder {
                 suite: run.suite.clone(),
                 device: device(&run.device_key),
                 host: run.host.clone(),
+                owner: run.owner.clone(),
                 fixture_ids: run.fixture_ids.clone(),
                 contracts: run.contracts.clone(),
                 log_path: None,
@@ -143,6 +145,34 @@ impl Recorder for StoreRecorder {
     fn finish_run(&mut self, id: i64, r: &RunResults) -> Result<(), RecordError> {
         let store = self.store.clone();
         Ok(self.rt.block_on(async move { store.finish_run(RunId(id), r).await })?)
+    }
+
+    fn sweep_abandoned(&mut self, host: &str) -> Result<Vec<Abandoned>, RecordError> {
+        let store = self.store.clone();
+        let host = host.to_string();
+        self.rt.block_on(async move {
+            let mut swept = Vec::new();
+            for run in store.running_owned_runs(&host).await? {
+                let Some(owner) = run.owner.as_deref().and_then(Owner::parse) else { continue };
+                if owner.alive() != Some(false) {
+                    continue;
+                }
+                let error = format!(
+                    "abandoned: the runner that ran it (pid {} on {host}) ended without finishing it (killed or \
+                     crashed); finished by runner once (pid {}) at {}",
+                    owner.pid,
+                    std::process::id(),
+                    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+                );
+                match store.finish_run(run.id, &RunResults::errored(error.clone())).await {
+                    Ok(()) => swept.push(Abandoned { run: run.id.0, pid: owner.pid, error }),
+                    // finished meanwhile by someone else: nothing left to do
+                    Err(store::StoreError::InvalidTransition { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(swept)
+        })
     }
 
     fn run_dir(&self, id: i64) -> PathBuf {

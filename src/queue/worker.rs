@@ -321,6 +321,7 @@ impl Worker {
             suite: p.suite.clone(),
             device: fingerprint(&once::device_key(device)),
             host: Some(self.opts.name.clone()),
+            owner: None,
             fixture_ids: Vec::new(),
             contracts: Vec::new(),
             log_path: None,

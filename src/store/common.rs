@@ -66,8 +66,8 @@ pub(crate) const COMMIT_ENGINE: &str = "SELECT engine_id FROM commits WHERE id =
 pub(crate) const INSERT_RUN: &str = "\
 INSERT INTO runs (engine_id, commit_id, status, triggered_by, suite, device_kind, device_name,
                   device_driver, device_cuda, device_key, host, fixture_ids, contracts, timings,
-                  log_path, job_id, created_ms, started_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+                  log_path, job_id, created_ms, started_ms, owner)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
 RETURNING id";
 
 pub(crate) const START_RUN: &str = "\
@@ -111,7 +111,7 @@ pub(crate) const SELECT_RUN: &str = "\
 SELECT r.id, r.engine_id, e.name AS engine, r.commit_id, c.sha, c.generation, r.status,
        r.triggered_by, r.suite, r.device_kind, r.device_name, r.device_driver, r.device_cuda,
        r.host, r.fixture_ids, r.contracts, r.timings, r.log_path, r.error, r.job_id,
-       r.created_ms, r.started_ms, r.finished_ms
+       r.created_ms, r.started_ms, r.finished_ms, r.owner
 FROM runs r JOIN engines e ON e.id = r.engine_id JOIN commits c ON c.id = r.commit_id";
 
 pub(crate) const SELECT_SERIES: &str = "\
@@ -452,6 +452,7 @@ macro_rules! impl_store {
                     cuda: col(row, "device_cuda")?,
                 },
                 host: col(row, "host")?,
+                owner: col(row, "owner")?,
                 fixture_ids: parse_json("runs.fixture_ids", col(row, "fixture_ids")?)?,
                 contracts: parse_json("runs.contracts", col(row, "contracts")?)?,
                 // JSON has no NaN: serde_json writes it as null, read back as NaN.
@@ -758,6 +759,7 @@ macro_rules! impl_store {
                     .bind(run.job_id.map(|j| j.0))
                     .bind(now)
                     .bind(started)
+                    .bind(run.owner.as_deref())
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(query_err(doing))?;
@@ -1020,6 +1022,25 @@ macro_rules! impl_store {
                     .fetch_all(&self.pool)
                     .await
                     .map_err($crate::store::query_err("reading recent runs"))?
+                    .iter()
+                    .map(run_from)
+                    .collect()
+            }
+
+            async fn running_owned_runs(
+                &self,
+                host: &str,
+            ) -> Result<Vec<$crate::store::Run>, $crate::store::StoreError> {
+                let sql = format!(
+                    "{} WHERE r.status = 'running' AND r.host = $1 AND r.owner IS NOT NULL AND r.job_id IS NULL \
+                     ORDER BY r.id",
+                    $crate::store::common::SELECT_RUN
+                );
+                sqlx::query(&sql)
+                    .bind(host)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("reading running runs"))?
                     .iter()
                     .map(run_from)
                     .collect()

@@ -278,6 +278,8 @@ pub struct NewRun {
     pub suite: String,
     pub device: DeviceFingerprint,
     pub host: Option<String>,
+    /// The process running it on `host` (`runner once`; see [`crate::once::owner`]).
+    pub owner: Option<String>,
     pub fixture_ids: Vec<String>,
     /// Every contract the run will be judged by.
     pub contracts: Vec<ContractRef>,
@@ -299,6 +301,8 @@ pub struct Run {
     pub suite: String,
     pub device: DeviceFingerprint,
     pub host: Option<String>,
+    /// The process that runs (or ran) it on `host`, for runs of `runner once`.
+    pub owner: Option<String>,
     pub fixture_ids: Vec<String>,
     pub contracts: Vec<ContractRef>,
     /// Phase -> milliseconds (e.g. `engine`, `metrics`, `total`).
@@ -642,6 +646,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn run_details(&self, id: RunId) -> Result<Option<RunDetails>, StoreError>;
     /// The newest runs, newest first.
     async fn recent_runs(&self, limit: i64) -> Result<Vec<Run>, StoreError>;
+    /// The runs still `running` on `host` that a process owns (`runner once`; job attempts'
+    /// runs have leases instead), oldest first.
+    async fn running_owned_runs(&self, host: &str) -> Result<Vec<Run>, StoreError>;
 
     /// The latest run (highest commit generation, then newest) of every series, optionally
     /// of one engine.
