@@ -498,8 +498,34 @@ fn prof_host(g: &mut Gpu, step: &'static str, t0: std::time::Instant) {
     }
 }
 
-/// `out[t, n] = x[t, k] · w[n, k]ᵀ`: `pb_gemv` for the few rows of a decode step (a tiled
-/// product cannot fill the GPU with them), cuBLAS otherwise; f32 accumulation either way.
+/// `out_s[t, n_s] = x[t, k] · w_s[n_s, k]ᵀ` for up to three products `(out_s, w_s, n_s)` of the
+/// same `x`: one `pb_gemv` launch for the few rows of a decode step (a tiled product cannot
+/// fill the GPU with them), cuBLAS per product otherwise; f32 accumulation either way.
+fn matmuls(
+    g: &mut Gpu,
+    ty: StorageType,
+    x: u64,
+    t: usize,
+    k: usize,
+    products: &[(u64, u64, usize)],
+) -> Result<(), BackendError> {
+    assert!(products.len() <= 3, "pb_gemv takes at most three products");
+    if t > kernels::GEMV_ROWS {
+        for &(out, w, n) in products {
+            gemm(g, ty, out, x, w, t, k, n)?;
+        }
+        return Ok(());
+    }
+    let seg = |i: usize| products.get(i).map(|&(o, w, n)| (o, w, n as i32)).unwrap_or((0, 0, 0));
+    let ((o0, w0, n0), (o1, w1, n1), (o2, w2, n2)) = (seg(0), seg(1), seg(2));
+    let n = products.iter().map(|p| p.2).sum::<usize>();
+    let cols = kernels::gemv_cols(n, g.sms);
+    let (ti, ki, ci) = (t as i32, k as i32, cols as i32);
+    launch!(g, ty, "pb_gemv", kernels::gemv_geometry(n, cols), x, ti, ki, ci, o0, w0, n0, o1, w1, n1, o2, w2, n2);
+    Ok(())
+}
+
+/// `out[t, n] = x[t, k] · w[n, k]ᵀ` (see [`matmuls`]).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     g: &mut Gpu,
@@ -511,22 +537,34 @@ fn matmul(
     k: usize,
     n: usize,
 ) -> Result<(), BackendError> {
-    if t > kernels::GEMV_ROWS {
-        return gemm(g, ty, out, x, w, t, k, n);
-    }
-    let (ti, ki, ni) = (t as i32, k as i32, n as i32);
-    launch!(g, ty, "pb_gemv", kernels::gemv_geometry(n), out, x, w, ti, ki, ni);
-    Ok(())
+    matmuls(g, ty, x, t, k, &[(out, w, n)])
 }
 
-/// `out = x Wᵀ + b` for `t` rows.
-fn linear(g: &mut Gpu, ty: StorageType, l: &DevLinear, out: u64, x: u64, t: usize) -> Result<(), BackendError> {
-    matmul(g, ty, out, x, l.w.ptr, t, l.in_features, l.out_features)?;
+/// Adds `l`'s bias, if any, to `out` (`t` rows).
+fn add_bias(g: &mut Gpu, ty: StorageType, l: &DevLinear, out: u64, t: usize) -> Result<(), BackendError> {
     if let Some(b) = &l.b {
         let n = l.out_features as i32;
         launch!(g, ty, "pb_add_bias", kernels::rows_geometry(t, l.out_features), out, b.ptr, n);
     }
     Ok(())
+}
+
+/// `out_i = x W_iᵀ + b_i` for `t` rows, for linear layers of the same input (one launch when
+/// `t` is a decode step's).
+fn linears(g: &mut Gpu, ty: StorageType, x: u64, t: usize, layers: &[(&DevLinear, u64)]) -> Result<(), BackendError> {
+    let k = layers[0].0.in_features;
+    debug_assert!(layers.iter().all(|(l, _)| l.in_features == k));
+    let products: Vec<(u64, u64, usize)> = layers.iter().map(|(l, out)| (*out, l.w.ptr, l.out_features)).collect();
+    matmuls(g, ty, x, t, k, &products)?;
+    for (l, out) in layers {
+        add_bias(g, ty, l, *out, t)?;
+    }
+    Ok(())
+}
+
+/// `out = x Wᵀ + b` for `t` rows.
+fn linear(g: &mut Gpu, ty: StorageType, l: &DevLinear, out: u64, x: u64, t: usize) -> Result<(), BackendError> {
+    linears(g, ty, x, t, &[(l, out)])
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -650,6 +688,8 @@ fn ensure_acts(g: &mut Gpu, model: &Model, ty: StorageType, t: usize) -> Result<
         c.moe.as_ref().map(|m| (m.expert_intermediate_size, m.n_experts, m.n_experts_per_tok)).unwrap_or((0, 0, 0));
     let inner = c.intermediate_size.max(ei);
     let h = c.hidden_size;
+    // a decode step's experts (one row, k experts) use k rows of g, u and moe_out
+    let kt = t.max(k);
     let acts = Acts {
         ids: g.alloc(t * 4)?,
         x: g.alloc(t * h * s)?,
@@ -659,15 +699,15 @@ fn ensure_acts(g: &mut Gpu, model: &Model, ty: StorageType, t: usize) -> Result<
         v: g.alloc(t * c.kv_dim() * s)?,
         attn: g.alloc(t * c.q_dim() * s)?,
         o: g.alloc(t * h * s)?,
-        g: g.alloc(t * inner * s)?,
-        u: g.alloc(t * inner * s)?,
+        g: g.alloc(kt * inner * s)?,
+        u: g.alloc(kt * inner * s)?,
         router: g.alloc(t * e * s)?,
         topk_ids: g.alloc(t * k * 4)?,
         topk_w: g.alloc(t * k * 4)?,
         route_rows: g.alloc(t * k * 4)?,
         route_w: g.alloc(t * k * 4)?,
         moe_in: g.alloc(t * h * s)?,
-        moe_out: g.alloc(t * h * s)?,
+        moe_out: g.alloc(kt * h * s)?,
     };
     g.state.bufs = Some(acts);
     g.state.rows = t;
@@ -805,9 +845,7 @@ pub fn forward(
 
         // 3. q, k, v projections (+ bias). q: [t, q_dim], k, v: [t, kv_dim]
         prof_step(g, "qkv")?;
-        linear(g, ty, &l.q, p.q, p.hn, t)?;
-        linear(g, ty, &l.k, p.k, p.hn, t)?;
-        linear(g, ty, &l.v, p.v, p.hn, t)?;
+        linears(g, ty, p.hn, t, &[(&l.q, p.q), (&l.k, p.k), (&l.v, p.v)])?;
 
         // 4. Per-head RMSNorm of q and k (qwen3), then RoPE.
         prof_step(g, "qk_norm_rope")?;
@@ -864,8 +902,7 @@ pub fn forward(
         match &l.ffn {
             DevFfn::Dense { gate, up, down } => {
                 prof_step(g, "gate_up")?;
-                linear(g, ty, gate, p.g, p.hn, t)?;
-                linear(g, ty, up, p.u, p.hn, t)?;
+                linears(g, ty, p.hn, t, &[(gate, p.g), (up, p.u)])?;
                 let n = (t * gate.out_features) as i64;
                 prof_step(g, "swiglu")?;
                 launch!(g, ty, "pb_swiglu", kernels::elementwise_geometry(t * gate.out_features), p.g, p.u, n);
@@ -936,6 +973,9 @@ fn sparse_moe(
     let (ti, ei, ki, renorm) = (t as i32, e as i32, k as i32, m.renorm as i32);
     prof_step(g, "moe_route")?;
     launch!(g, ty, "pb_moe_route", kernels::route_geometry(t), p.topk_ids, p.topk_w, p.router, ti, ei, ki, renorm);
+    if t == 1 {
+        return experts_of_one_row(g, ty, m, p, layer, h, io);
+    }
     let phase = prof_end(g)?;
     let t0 = std::time::Instant::now();
     let ids = download_i32(g, p.topk_ids, t * k)?;
@@ -978,6 +1018,38 @@ fn sparse_moe(
         launch!(g, ty, "pb_scatter_add_scaled", kernels::rows_geometry(n, h), p.o, p.moe_out, rows_x, w_x, hi);
         start += n;
     }
+    Ok(())
+}
+
+/// A decode step's experts (one row), dispatched on the device from the routing's ids: no
+/// wait for the host. The same products and sums, in the same order, as the planned path.
+#[allow(clippy::too_many_arguments)]
+fn experts_of_one_row(
+    g: &mut Gpu,
+    ty: StorageType,
+    m: &DevMoe,
+    p: &Ptrs,
+    layer: usize,
+    h: usize,
+    io: &mut ForwardIo<'_>,
+) -> Result<(), BackendError> {
+    let (e, k, im) = (m.n_experts, m.top_k, m.inter);
+    if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
+        let phase = prof_end(g)?;
+        let ids = download_i32(g, p.topk_ids, k)?;
+        io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
+        if let Some(phase) = phase {
+            prof_begin(g, ty, phase, "after_capture")?;
+        }
+    }
+    prof_step(g, "moe_experts")?;
+    let (ei, hi, imi, ki) = (e as i32, h as i32, im as i32, k as i32);
+    let (gate, up, down) = (m.gate.ptr, m.up.ptr, m.down.ptr);
+    launch!(g, ty, "pb_moe_gate_up", kernels::moe_geometry(im, k), p.g, p.u, p.hn, gate, up, p.topk_ids, ei, hi, imi);
+    let n = (k * im) as i64;
+    launch!(g, ty, "pb_swiglu", kernels::elementwise_geometry(k * im), p.g, p.u, n);
+    launch!(g, ty, "pb_moe_down", kernels::moe_geometry(h, k), p.moe_out, p.g, down, p.topk_ids, ei, hi, imi);
+    launch!(g, ty, "pb_moe_combine", kernels::elementwise_geometry(h), p.o, p.moe_out, p.topk_ids, p.topk_w, ki, hi);
     Ok(())
 }
 

@@ -146,15 +146,15 @@ extern "C" __global__ void pb_rope(T* x, const float* inv_freq, int pos0, int n_
 // q, out: [t, n_heads * hd]; kc, vc: [>= pos0 + t, n_kv * hd]; hd <= PB_MAX_HD.
 // Grid: (n_heads, t), block: PB_BLOCK, dynamic shared memory: (pos0 + t) floats.
 // q.k: one thread per key, d ascending in one f32 chain (16-byte loads of the key where the
-// layout allows); p.v: PB_BLOCK / hd groups of threads take consecutive key ranges, one
-// thread per dimension, and their partial sums are added in group order. Fixed orders
-// throughout: the result does not depend on timing.
+// layout allows); p.v: see below. Fixed orders throughout: the result does not depend on
+// timing.
 #define PB_MAX_HD 256
 extern "C" __global__ void pb_attention(T* out, const T* q, const T* kc, const T* vc, int pos0, int n_heads,
                                         int n_kv, int hd, float scale) {
     extern __shared__ float scores[];
     __shared__ float red[PB_BLOCK];
     __shared__ float qs[PB_MAX_HD];
+    __shared__ float pv[PB_BLOCK * PB_VEC];
     int h = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
     int kvh = h / (n_heads / n_kv);
     int n_keys = pos0 + row + 1;
@@ -191,80 +191,216 @@ extern "C" __global__ void pb_attention(T* out, const T* q, const T* kc, const T
     float inv = 1.0f / block_sum(part, red);
     for (int j = tid; j < n_keys; j += PB_BLOCK) scores[j] = rnd(scores[j] * inv);
     __syncthreads();
-    if (hd >= PB_BLOCK) {
+    // p.v: a thread takes PB_VEC consecutive dimensions (one 16-byte load per key) of the keys
+    // g, g + groups, ...; the groups' partial sums are then added in group order
+    int cpr = hd / PB_VEC; // chunks per key row
+    const T* vb = vc + (long)kvh * hd;
+    if (vec && aligned16(vc) && cpr <= PB_BLOCK) {
+        int groups = PB_BLOCK / cpr, grp = tid / cpr, ch = tid % cpr;
+        float acc[PB_VEC];
+#pragma unroll
+        for (int i = 0; i < PB_VEC; i++) acc[i] = 0.0f;
+        if (grp < groups) {
+#pragma unroll 4
+            for (int j = grp; j < n_keys; j += groups) {
+                float f[PB_VEC];
+                unpack(*(const uint4*)(vb + (long)j * kv_dim + ch * PB_VEC), f);
+                float p = scores[j];
+#pragma unroll
+                for (int i = 0; i < PB_VEC; i++) acc[i] = fmaf(p, f[i], acc[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < PB_VEC; i++) pv[grp * hd + ch * PB_VEC + i] = acc[i];
+        }
+        __syncthreads();
         for (int d = tid; d < hd; d += PB_BLOCK) {
-            float acc = 0.0f;
-            for (int j = 0; j < n_keys; j++) acc = fmaf(scores[j], ld(vc, (long)j * kv_dim + (long)kvh * hd + d), acc);
-            st(out, qb + d, acc);
+            float o = pv[d];
+            for (int gi = 1; gi < groups; gi++) o += pv[gi * hd + d];
+            st(out, qb + d, o);
         }
         return;
     }
-    int groups = PB_BLOCK / hd, grp = tid / hd, d = tid % hd;
-    if (grp < groups) {
-        int j0 = (int)((long)n_keys * grp / groups), j1 = (int)((long)n_keys * (grp + 1) / groups);
-        const T* vr = vc + (long)kvh * hd + d;
+    for (int d = tid; d < hd; d += PB_BLOCK) {
         float acc = 0.0f;
-#pragma unroll 4
-        for (int j = j0; j < j1; j++) acc = fmaf(scores[j], ld(vr, (long)j * kv_dim), acc);
-        red[tid] = acc;
-    }
-    __syncthreads();
-    if (tid < hd) {
-        float acc = red[tid];
-        for (int gi = 1; gi < groups; gi++) acc += red[gi * hd + tid];
-        st(out, qb + tid, acc);
+        for (int j = 0; j < n_keys; j++) acc = fmaf(scores[j], ld(vb, (long)j * kv_dim + d), acc);
+        st(out, qb + d, acc);
     }
 }
 
 // ---- matrix products of a few rows ----------------------------------------------------------
 //
+// The dot product of a weight row and an activation row in the order every few-row product
+// here uses: lane l of a warp takes chunks l, l + 32, ... of PB_VEC elements (16-byte loads
+// where k and the addresses allow, else single elements l, l + 32, ...) and sums them in
+// ascending order; a fixed butterfly of shuffles then adds the lanes (every lane gets the
+// same sum). The same weights and activations give the same bits in every kernel below.
+__device__ __forceinline__ bool vec_ok(const T* w, const T* x, int k) {
+    return k % PB_VEC == 0 && aligned16(w) && aligned16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_dot(const T* w, const T* x, int k, int lane) {
+    float acc = 0.0f;
+    if (vec_ok(w, x, k)) {
+#pragma unroll 4
+        for (int i = lane * PB_VEC; i < k; i += 32 * PB_VEC) {
+            float wf[PB_VEC], xf[PB_VEC];
+            unpack(*(const uint4*)(w + i), wf);
+            unpack(*(const uint4*)(x + i), xf);
+#pragma unroll
+            for (int j = 0; j < PB_VEC; j++) acc = fmaf(wf[j], xf[j], acc);
+        }
+    } else {
+        for (int i = lane; i < k; i += 32) acc = fmaf(ld(w, i), ld(x, i), acc);
+    }
+    return warp_sum(acc);
+}
+
 // out[r, c] = to_T(sum_i x[r, i] * w[c, i]) for r < t <= PB_GEMV_ROWS (decode): f32
 // accumulation, as cuBLAS with compute type 32F, but reading the weights at the memory's
-// speed when there are too few rows for a tiled product to fill the GPU. One warp per output
-// column: lane l takes the elements of chunks l, l + 32, ... (16-byte chunks where k and the
-// addresses allow, else single elements), each lane sums in ascending order, and a fixed
-// butterfly of shuffles adds the lanes. x: [t, k], w: [n, k], out: [t, n].
-// Grid: ceil(n / PB_GEMV_WARPS), block: 32 * PB_GEMV_WARPS.
+// speed when there are too few rows for a tiled product to fill the GPU. Up to three
+// products of the same x in one launch (q, k and v; gate and up): segment s has n_s columns,
+// weights w_s [n_s, k] and output out_s [t, n_s]; columns are numbered across the segments.
+// Each warp takes `cols` <= PB_GEMV_COLS consecutive columns (one weight load per column and
+// chunk, the x chunk shared), each column in warp_dot's order. x: [t, k].
+// Grid: ceil((n0 + n1 + n2) / (PB_GEMV_WARPS * cols)), block: 32 * PB_GEMV_WARPS.
 #define PB_GEMV_WARPS 4
 #define PB_GEMV_ROWS 8
-extern "C" __global__ void pb_gemv(T* out, const T* x, const T* w, int t, int k, int n) {
+#define PB_GEMV_COLS 4
+extern "C" __global__ void pb_gemv(const T* x, int t, int k, int cols, T* out0, const T* w0, int n0, T* out1,
+                                   const T* w1, int n1, T* out2, const T* w2, int n2) {
     int lane = threadIdx.x & 31;
-    int c = blockIdx.x * PB_GEMV_WARPS + (threadIdx.x >> 5);
-    if (c >= n) return; // the whole warp: c is the warp's
-    const T* wc = w + (long)c * k;
-    float acc[PB_GEMV_ROWS];
+    int n = n0 + n1 + n2;
+    int c0 = (blockIdx.x * PB_GEMV_WARPS + (threadIdx.x >> 5)) * cols;
+    if (c0 >= n) return; // the whole warp: c0 is the warp's
+    const T* wc[PB_GEMV_COLS];
+    T* oc[PB_GEMV_COLS];
+    int nc[PB_GEMV_COLS], cc[PB_GEMV_COLS];
+    bool vec = k % PB_VEC == 0 && aligned16(x);
 #pragma unroll
-    for (int r = 0; r < PB_GEMV_ROWS; r++) acc[r] = 0.0f;
-    if (k % PB_VEC == 0 && aligned16(w) && aligned16(x)) {
+    for (int j = 0; j < PB_GEMV_COLS; j++) {
+        int c = min(c0 + j, n - 1); // a column past the end repeats the last one, unstored
+        int seg = c < n0 ? 0 : (c < n0 + n1 ? 1 : 2);
+        cc[j] = c - (seg == 0 ? 0 : (seg == 1 ? n0 : n0 + n1));
+        nc[j] = seg == 0 ? n0 : (seg == 1 ? n1 : n2);
+        oc[j] = seg == 0 ? out0 : (seg == 1 ? out1 : out2);
+        const T* ws = seg == 0 ? w0 : (seg == 1 ? w1 : w2);
+        wc[j] = ws + (long)cc[j] * k;
+        vec = vec && aligned16(ws);
+    }
+    float acc[PB_GEMV_ROWS][PB_GEMV_COLS];
+#pragma unroll
+    for (int r = 0; r < PB_GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < PB_GEMV_COLS; j++) acc[r][j] = 0.0f;
+    if (vec) {
 #pragma unroll 2
         for (int i = lane * PB_VEC; i < k; i += 32 * PB_VEC) {
-            float wf[PB_VEC];
-            unpack(*(const uint4*)(wc + i), wf);
+            float wf[PB_GEMV_COLS][PB_VEC];
+#pragma unroll
+            for (int j = 0; j < PB_GEMV_COLS; j++)
+                if (j < cols) unpack(*(const uint4*)(wc[j] + i), wf[j]);
 #pragma unroll
             for (int r = 0; r < PB_GEMV_ROWS; r++) {
                 if (r < t) {
                     float xf[PB_VEC];
                     unpack(*(const uint4*)(x + (long)r * k + i), xf);
 #pragma unroll
-                    for (int j = 0; j < PB_VEC; j++) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+                    for (int j = 0; j < PB_GEMV_COLS; j++)
+                        if (j < cols)
+#pragma unroll
+                            for (int e = 0; e < PB_VEC; e++) acc[r][j] = fmaf(wf[j][e], xf[e], acc[r][j]);
                 }
             }
         }
     } else {
         for (int i = lane; i < k; i += 32) {
-            float wv = ld(wc, i);
 #pragma unroll
-            for (int r = 0; r < PB_GEMV_ROWS; r++)
-                if (r < t) acc[r] = fmaf(wv, ld(x, (long)r * k + i), acc[r]);
+            for (int j = 0; j < PB_GEMV_COLS; j++) {
+                if (j < cols) {
+                    float wv = ld(wc[j], i);
+#pragma unroll
+                    for (int r = 0; r < PB_GEMV_ROWS; r++)
+                        if (r < t) acc[r][j] = fmaf(wv, ld(x, (long)r * k + i), acc[r][j]);
+                }
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < PB_GEMV_ROWS; r++) {
-        float v = acc[r];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && r < t) st(out, (long)r * n + c, v);
+        for (int j = 0; j < PB_GEMV_COLS; j++) {
+            if (r < t && j < cols) {
+                float v = warp_sum(acc[r][j]);
+                if (lane == 0 && c0 + j < n) st(oc[j], (long)r * nc[j] + cc[j], v);
+            }
+        }
     }
+}
+
+// ---- MoE experts of one row (decode), routed on the device ------------------------------------
+//
+// The k experts of a single row, read from `ids` (pb_moe_route's output) on the device, so
+// the host neither waits for the routing nor plans the dispatch. Each product is warp_dot's
+// order, as pb_gemv; an expert id outside [0, e) gives NaN, never a read out of bounds.
+
+// g[j, c] = to_T(x . gate[ids[j]][c, :]), u[j, c] likewise with up. x: [h]; gate, up:
+// [e, im, h]; g, u: [k, im]. Grid: (ceil(im / PB_GEMV_WARPS), k), block: 32 * PB_GEMV_WARPS.
+extern "C" __global__ void pb_moe_gate_up(T* g, T* u, const T* x, const T* gate, const T* up, const int* ids,
+                                          int e, int h, int im) {
+    int lane = threadIdx.x & 31;
+    int c = blockIdx.x * PB_GEMV_WARPS + (threadIdx.x >> 5);
+    if (c >= im) return;
+    int slot = blockIdx.y, ex = ids[slot];
+    long o = (long)slot * im + c;
+    if (ex < 0 || ex >= e) {
+        if (lane == 0) st(g, o, __int_as_float(0x7fc00000)), st(u, o, __int_as_float(0x7fc00000));
+        return;
+    }
+    long wo = ((long)ex * im + c) * h;
+    float ag = warp_dot(gate + wo, x, h, lane);
+    float au = warp_dot(up + wo, x, h, lane);
+    if (lane == 0) st(g, o, ag), st(u, o, au);
+}
+
+// d[j, c] = to_T(a[j, :] . down[ids[j]][c, :]). a: [k, im]; down: [e, h, im]; d: [k, h].
+// Grid: (ceil(h / PB_GEMV_WARPS), k), block: 32 * PB_GEMV_WARPS.
+extern "C" __global__ void pb_moe_down(T* d, const T* a, const T* down, const int* ids, int e, int h, int im) {
+    int lane = threadIdx.x & 31;
+    int c = blockIdx.x * PB_GEMV_WARPS + (threadIdx.x >> 5);
+    if (c >= h) return;
+    int slot = blockIdx.y, ex = ids[slot];
+    long o = (long)slot * h + c;
+    if (ex < 0 || ex >= e) {
+        if (lane == 0) st(d, o, __int_as_float(0x7fc00000));
+        return;
+    }
+    float v = warp_dot(down + ((long)ex * h + c) * im, a + (long)slot * im, im, lane);
+    if (lane == 0) st(d, o, v);
+}
+
+// o[c] = the experts' outputs added in ascending expert order, each scaled by its routing
+// weight: acc = to_T(acc + to_T(d[j, c] * w[j])) from 0, as pb_scatter_add_scaled adds them
+// expert by expert. ids: [k] (distinct), d: [k, h], o: [h]. Grid: ceil(h / 256), block 256.
+extern "C" __global__ void pb_moe_combine(T* o, const T* d, const int* ids, const float* w, int k, int h) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= h) return;
+    float acc = 0.0f;
+    int prev = -2147483647 - 1;
+    for (int n = 0; n < k; n++) {
+        int best = -1;
+        for (int j = 0; j < k; j++)
+            if (ids[j] > prev && (best < 0 || ids[j] < ids[best])) best = j;
+        if (best < 0) break;
+        prev = ids[best];
+        acc = rnd(acc + rnd(ld(d, (long)best * h + c) * w[best]));
+    }
+    st(o, c, acc);
 }
 
 // Busy-waits `ns` nanoseconds of the GPU's global timer: the profiler queues the work of a
@@ -301,44 +437,64 @@ extern "C" __global__ void pb_add_bias(T* x, const T* b, int n) {
     }
 }
 
-// MoE routing of one row per thread: softmax (f32) of the router logits [t, e], the k
-// largest (ties: lower expert first, like torch.topk), optional renormalisation, weights
-// rounded to T (HF: `routing_weights.to(hidden_states.dtype)`). ids: [t, k], w: [t, k].
-// Grid: ceil(t / 64), block 64. e <= 1024.
+// MoE routing, one block per row: softmax (f32) of the router logits [t, e] (the sum in
+// expert order, by one thread), the k largest (ties: lower expert first, like torch.topk) by
+// k block-wide arg-max reductions, optional renormalisation, weights rounded to T (HF:
+// `routing_weights.to(hidden_states.dtype)`). ids: [t, k], w: [t, k]. A row whose
+// probabilities are NaN gets id -1. Grid: t, block: PB_BLOCK. e <= PB_MAX_EXPERTS.
+#define PB_MAX_EXPERTS 1024
 extern "C" __global__ void pb_moe_route(int* ids, float* w, const T* logits, int t, int e, int k, int renorm) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= t) return;
+    __shared__ float pr[PB_MAX_EXPERTS];
+    __shared__ float rv[PB_BLOCK];
+    __shared__ int ri[PB_BLOCK];
+    __shared__ float inv_sum, total;
+    int r = blockIdx.x, tid = threadIdx.x;
     long base = (long)r * e;
     float mx = -PB_INF;
-    for (int x = 0; x < e; x++) mx = fmaxf(mx, ld(logits, base + x));
-    float sum = 0.0f;
-    for (int x = 0; x < e; x++) sum += expf(ld(logits, base + x) - mx);
-    float inv = 1.0f / sum;
-    float total = 0.0f;
-    int prev = -1;
-    float prev_p = PB_INF;
-    for (int j = 0; j < k; j++) {
-        // the largest probability below (prev_p, prev) in the order (p desc, index asc)
-        int best = -1;
-        float bp = -PB_INF;
-        for (int x = 0; x < e; x++) {
-            float p = expf(ld(logits, base + x) - mx) * inv;
-            bool after_prev = (p < prev_p) || (p == prev_p && x > prev);
-            if (after_prev && (best < 0 || p > bp)) {
-                best = x;
-                bp = p;
-            }
-        }
-        ids[(long)r * k + j] = best;
-        w[(long)r * k + j] = bp;
-        total += bp;
-        prev = best;
-        prev_p = bp;
+    for (int x = tid; x < e; x += PB_BLOCK) mx = fmaxf(mx, ld(logits, base + x));
+    mx = block_max(mx, rv);
+    for (int x = tid; x < e; x += PB_BLOCK) pr[x] = expf(ld(logits, base + x) - mx);
+    __syncthreads();
+    if (tid == 0) {
+        float sum = 0.0f;
+        for (int x = 0; x < e; x++) sum += pr[x];
+        inv_sum = 1.0f / sum;
+        total = 0.0f;
     }
+    __syncthreads();
+    for (int x = tid; x < e; x += PB_BLOCK) pr[x] = pr[x] * inv_sum;
+    __syncthreads();
     for (int j = 0; j < k; j++) {
-        float v = w[(long)r * k + j];
-        if (renorm) v = v / total;
-        w[(long)r * k + j] = rnd(v);
+        // the largest remaining probability, lowest expert first among equals
+        float bp = -PB_INF;
+        int bi = -1;
+        for (int x = tid; x < e; x += PB_BLOCK) {
+            if (pr[x] > bp) bp = pr[x], bi = x;
+        }
+        rv[tid] = bp, ri[tid] = bi;
+        __syncthreads();
+        for (int s = PB_BLOCK / 2; s > 0; s >>= 1) {
+            if (tid < s) {
+                float ov = rv[tid + s];
+                int oi = ri[tid + s];
+                if (oi >= 0 && (ri[tid] < 0 || ov > rv[tid] || (ov == rv[tid] && oi < ri[tid]))) rv[tid] = ov, ri[tid] = oi;
+            }
+            __syncthreads();
+        }
+        if (tid == 0) {
+            ids[(long)r * k + j] = ri[0];
+            w[(long)r * k + j] = rv[0];
+            total += rv[0];
+            if (ri[0] >= 0) pr[ri[0]] = -PB_INF;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        for (int j = 0; j < k; j++) {
+            float v = w[(long)r * k + j];
+            if (renorm) v = v / total;
+            w[(long)r * k + j] = rnd(v);
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub const KERNELS: &[&str] = &[
     "pb_gather_rows",
     "pb_scatter_add_scaled",
     "pb_gemv",
+    "pb_moe_gate_up",
+    "pb_moe_down",
+    "pb_moe_combine",
     "pb_spin",
     "pb_dequant_f32",
     "pb_dequant_f16",
@@ -49,13 +52,13 @@ pub const GEMV_WARPS: u32 = 4;
 /// The most rows `pb_gemv` multiplies at once (`PB_GEMV_ROWS`); more go to cuBLAS.
 pub const GEMV_ROWS: usize = 8;
 
+/// The most output columns one warp of `pb_gemv` takes (`PB_GEMV_COLS`).
+pub const GEMV_COLS: usize = 4;
+
 /// The largest head dimension `pb_attention` takes (`PB_MAX_HD`).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Rows handled per block by `pb_moe_route` (one thread per row).
-pub const ROUTE_BLOCK: u32 = 64;
-
-/// The most experts `pb_moe_route` handles (it loops over them per row).
+/// The most experts `pb_moe_route` handles (`PB_MAX_EXPERTS`: its probabilities in shared memory).
 pub const MAX_EXPERTS: usize = 1024;
 
 /// How weights and activations are stored on the GPU. Arithmetic is f32 in every case.
@@ -192,15 +195,26 @@ pub fn attention_geometry(t: usize, pos0: usize, n_heads: usize) -> Geometry {
 }
 
 /// The longest sequence `pb_attention` can take with `shared_limit` bytes of shared memory
-/// per block (its reduction buffer of [`BLOCK`] f32 and the query of [`MAX_HEAD_DIM`] f32 are
-/// beside the scores).
+/// per block (beside the scores: its reduction buffer of [`BLOCK`] f32, the query of
+/// [`MAX_HEAD_DIM`] f32 and the p.v partial sums of [`BLOCK`] x 8 f32).
 pub fn max_attention_keys(shared_limit: usize) -> usize {
-    shared_limit.saturating_sub((BLOCK as usize + MAX_HEAD_DIM) * 4) / 4
+    shared_limit.saturating_sub((BLOCK as usize * 9 + MAX_HEAD_DIM) * 4) / 4
 }
 
-/// `pb_gemv`: one warp per output column.
-pub fn gemv_geometry(n: usize) -> Geometry {
-    Geometry { grid: (blocks(n, GEMV_WARPS), 1, 1), block: (32 * GEMV_WARPS, 1, 1), shared_bytes: 0 }
+/// Output columns per warp of `pb_gemv` for `n` columns on a GPU of `sms` multiprocessors:
+/// the most (up to [`GEMV_COLS`]) that still give every multiprocessor two blocks.
+pub fn gemv_cols(n: usize, sms: usize) -> usize {
+    [4, 2].into_iter().find(|&c| n.div_ceil(GEMV_WARPS as usize * c) >= 2 * sms).unwrap_or(1)
+}
+
+/// `pb_gemv`: `cols` output columns per warp, `n` columns in all.
+pub fn gemv_geometry(n: usize, cols: usize) -> Geometry {
+    Geometry { grid: (blocks(n, GEMV_WARPS * cols as u32), 1, 1), block: (32 * GEMV_WARPS, 1, 1), shared_bytes: 0 }
+}
+
+/// `pb_moe_gate_up`, `pb_moe_down`: a warp per output column of each of `k` experts.
+pub fn moe_geometry(columns: usize, k: usize) -> Geometry {
+    Geometry { grid: (blocks(columns, GEMV_WARPS), k as u32, 1), block: (32 * GEMV_WARPS, 1, 1), shared_bytes: 0 }
 }
 
 /// `pb_spin`: one thread.
@@ -208,9 +222,9 @@ pub fn spin_geometry() -> Geometry {
     Geometry { grid: (1, 1, 1), block: (1, 1, 1), shared_bytes: 0 }
 }
 
-/// `pb_moe_route`: one thread per row.
+/// `pb_moe_route`: one block per row.
 pub fn route_geometry(t: usize) -> Geometry {
-    Geometry { grid: (blocks(t, ROUTE_BLOCK), 1, 1), block: (ROUTE_BLOCK, 1, 1), shared_bytes: 0 }
+    Geometry { grid: (t as u32, 1, 1), block: (BLOCK, 1, 1), shared_bytes: 0 }
 }
 
 #[cfg(test)]
@@ -228,6 +242,8 @@ mod tests {
         assert!(SOURCE.contains(&format!("#define PB_GEMV_WARPS {GEMV_WARPS}")));
         assert!(SOURCE.contains(&format!("#define PB_GEMV_ROWS {GEMV_ROWS}")));
         assert!(SOURCE.contains(&format!("#define PB_MAX_HD {MAX_HEAD_DIM}")));
+        assert!(SOURCE.contains(&format!("#define PB_GEMV_COLS {GEMV_COLS}")));
+        assert!(SOURCE.contains(&format!("#define PB_MAX_EXPERTS {MAX_EXPERTS}")));
         for op in ["atomicAdd(", "atomicCAS(", "atomicMax(", "atomicExch(", "atom."] {
             assert!(!SOURCE.contains(op), "reductions must not use atomics (repeatability): {op}");
         }
@@ -243,11 +259,18 @@ mod tests {
         assert_eq!(rope_geometry(3, 16, 128), Geometry { grid: (16, 3, 1), block: (64, 1, 1), shared_bytes: 0 });
         let a = attention_geometry(5, 100, 8);
         assert_eq!((a.grid, a.shared_bytes), ((8, 5, 1), 420));
-        assert_eq!(max_attention_keys(48 * 1024), 11776);
-        assert_eq!(route_geometry(65).grid.0, 2);
+        assert_eq!(max_attention_keys(48 * 1024), 9728);
+        assert_eq!(route_geometry(65).grid.0, 65);
         assert_eq!(rmsnorm_geometry(9).grid.0, 9);
-        let v = gemv_geometry(1025);
+        let v = gemv_geometry(1025, 1);
         assert_eq!((v.grid.0, v.block.0), (257, 128), "a warp for each of 1025 columns");
+        assert_eq!(gemv_geometry(1025, 4).grid.0, 65, "4 columns per warp, 16 per block");
+        // H200: 132 multiprocessors
+        assert_eq!(gemv_cols(1024, 132), 1);
+        assert_eq!(gemv_cols(4096, 132), 2);
+        assert_eq!(gemv_cols(9728, 132), 4);
+        assert_eq!(gemv_cols(151_936, 132), 4);
+        assert_eq!(moe_geometry(768, 8).grid, (192, 8, 1));
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct Gpu {
     pub peak: u64,
     /// Shared memory per block for `pb_attention`.
     pub shared_limit: usize,
+    /// Multiprocessors (how many blocks fill the GPU).
+    pub sms: usize,
     /// Step timings, when [`profile::ENV`] is set.
     pub profile: Option<profile::Profile>,
 }
@@ -258,6 +260,9 @@ fn open_gpu(ordinal: usize) -> Result<CudaBackend, BackendError> {
     let shared_limit = ctx
         .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)
         .map_err(|e| cuda_err("cuDeviceGetAttribute", e))? as usize;
+    let sms = ctx
+        .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| cuda_err("cuDeviceGetAttribute", e))? as usize;
     let mut driver_version = 0;
     // SAFETY: writes one int.
     unsafe { cu::cuDriverGetVersion(&mut driver_version) }.result().map_err(|e| cuda_err("cuDriverGetVersion", e))?;
@@ -292,6 +297,7 @@ fn open_gpu(ordinal: usize) -> Result<CudaBackend, BackendError> {
         allocated: 0,
         peak: 0,
         shared_limit,
+        sms,
     };
     Ok(CudaBackend { ordinal, fingerprint, gpu: Mutex::new(gpu) })
 }
