@@ -21,7 +21,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "queue", include_str!("../../migrations/sqlite/0002_queue.sql")),
     (3, "dashboard", include_str!("../../migrations/sqlite/0003_dashboard.sql")),
-    (4, "run owner", include_str!("../../migrations/sqlite/0004_run_owner.sql")),
+    (4, "run_owner", include_str!("../../migrations/sqlite/0004_run_owner.sql")),
 ];
 
 /// Where a SQLite database lives.
