@@ -24,6 +24,7 @@ Prints a Markdown table (median, with min-max over the repeats) and writes JSON 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def engine_bench(runner, path, pp, tg, threads, repeats, work):
     }
     rp = Path(work) / "request.json"
     rp.write_text(json.dumps(req))
-    out = Path(work) / f"dump-{path.stem}"
+    out = Path(work) / f"dump-{path.stem}-t{threads}-{abs(hash(str(runner)))}"
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [runner, "engine", "run", "--request", str(rp), "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     m = json.loads((out / "manifest.json").read_text())
@@ -132,6 +134,8 @@ def fmt(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runner", default="target/release/runner")
+    ap.add_argument("--baseline-runner", help="another build of the runner (e.g. the commit before a change), "
+                    "measured in the same run right after --runner: the change's speed-up as a same-run ratio")
     ap.add_argument("--llama-bench", default="/work/bench-gguf/llama-bench/llama-bench")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, each a full pass")
     ap.add_argument("--pp", type=int, default=128)
@@ -155,6 +159,9 @@ def main():
                 stored, f32, params = weight_bytes(f)
                 lb, lcmd = llama_bench(args.llama_bench, f, args.pp, args.tg, threads, args.repeats)
                 eb, ecmd = engine_bench(args.runner, f, args.pp, args.tg, threads, args.repeats, work)
+                base = None
+                if args.baseline_runner:
+                    base, _ = engine_bench(args.baseline_runner, f, args.pp, args.tg, threads, args.repeats, work)
                 row = {
                     "file": f.name,
                     "threads": threads,
@@ -165,6 +172,7 @@ def main():
                     "roofline_engine": bw / stored,
                     "llamacpp": lb,
                     "engine": eb,
+                    "baseline": base,
                     "llamacpp_command": lcmd,
                     "engine_command": ecmd,
                     "load_average": os.getloadavg()[0],
@@ -173,7 +181,8 @@ def main():
                 print(
                     f"{f.name} t={threads}: pp llama.cpp {fmt(lb['prefill'])} engine {fmt(eb['prefill'])} | "
                     f"tg llama.cpp {fmt(lb['decode'])} engine {fmt(eb['decode'])} | "
-                    f"roofline {bw / stored:.0f} | load {row['load_average']:.1f}",
+                    f"roofline {bw / stored:.0f} | load {row['load_average']:.1f}"
+                    + (f" | baseline pp {fmt(base['prefill'])} tg {fmt(base['decode'])}" if base else ""),
                     flush=True,
                 )
     print()
@@ -187,6 +196,15 @@ def main():
         print(f"| {r['file']} | {r['threads']} | {r['params'] / 1e6:.0f} M | {fmt(r['llamacpp']['prefill'])} | {fmt(r['engine']['prefill'])} "
               f"| {fmt(r['llamacpp']['decode'])} | {fmt(r['engine']['decode'])} | {rp:.2f}, {rt:.2f} "
               f"| {r['roofline_llamacpp']:.0f} |")
+    if args.baseline_runner:
+        print()
+        print(f"| file | threads | pp{args.pp} baseline | pp{args.pp} engine | tg{args.tg} baseline | tg{args.tg} engine | engine/baseline (pp, tg) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+            b, e = r["baseline"], r["engine"]
+            print(f"| {r['file']} | {r['threads']} | {fmt(b['prefill'])} | {fmt(e['prefill'])} | {fmt(b['decode'])} | {fmt(e['decode'])} "
+                  f"| {med(e['prefill']) / med(b['prefill']):.2f}, {med(e['decode']) / med(b['decode']):.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bw, "threads": args.threads, "load_average_end": os.getloadavg(), "pp": args.pp,
                                                "tg": args.tg, "rows": rows}, indent=1))

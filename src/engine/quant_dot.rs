@@ -318,10 +318,27 @@ pub fn dot_rows(
     let simd = simd.min(SimdLevel::detect());
     #[cfg(target_arch = "x86_64")]
     {
-        if let (GgmlType::Q8_0, QuantRow::Q8_0(y), true) = (ty, a, simd >= SimdLevel::Avx2) {
-            // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
-            unsafe { dot_rows_q8_0_avx2(w, row_bytes, y, out) };
-            return Ok(());
+        if simd >= SimdLevel::Avx2 {
+            // SAFETY (each): `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
+            match (ty, a) {
+                (GgmlType::Q8_0, QuantRow::Q8_0(y)) => {
+                    unsafe { dot_rows_q8_0_avx2(w, row_bytes, y, out) };
+                    return Ok(());
+                }
+                (GgmlType::Q4K, QuantRow::Q8K(y)) => {
+                    unsafe { dot_rows_q4_k_avx2(w, row_bytes, y, out) };
+                    return Ok(());
+                }
+                (GgmlType::Q5K, QuantRow::Q8K(y)) => {
+                    unsafe { dot_rows_q5_k_avx2(w, row_bytes, y, out) };
+                    return Ok(());
+                }
+                (GgmlType::Q6K, QuantRow::Q8K(y)) => {
+                    unsafe { dot_rows_q6_k_avx2(w, row_bytes, y, out) };
+                    return Ok(());
+                }
+                _ => {}
+            }
         }
         match simd {
             SimdLevel::Avx512Vnni => {
@@ -444,6 +461,182 @@ unsafe fn dot_rows_q8_0_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8_0], out: &
                 _mm_cvtsi128_si32(s1)
             };
             sumf += isum as f32 * (f16_at(b, 0) * yb.d);
+        }
+        out[r] = sumf;
+    }
+}
+
+/// The sum of the eight i32 lanes of `v` (exact).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s1)
+}
+
+/// `Σ_l sc · q_l · y_l` over 32 elements as eight i32 lanes: `q` unsigned bytes below 64, `y`
+/// signed bytes (`maddubs` cannot saturate: 2 · 63 · 128 < 2^15), `sc` one i16 per 128-bit
+/// half (the scale of elements 0..16 and 16..32). Exact.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scaled_dot32(
+    q: std::arch::x86_64::__m256i,
+    y: std::arch::x86_64::__m256i,
+    sc: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), sc)
+}
+
+/// [`dot_q4_k`] over rows with each super-block's integer sum `Σ_j sc_j·Σq·y` in AVX2: the same
+/// exact `i32` and the same float steps, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_q4_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = (row_bytes / 144).min(y.len());
+    let low = _mm256_set1_epi8(0x0F);
+    for r in 0..out.len() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut sumf = 0.0f32;
+        for i in 0..nb {
+            let b = &row[144 * i..144 * i + 144];
+            let yb = &y[i];
+            let scales = &b[4..16];
+            // SAFETY: b[16..144] and yb.qs hold 128 and 256 bytes; unaligned loads.
+            let isum = unsafe {
+                let mut acc = _mm256_setzero_si256();
+                for c in 0..4 {
+                    let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
+                    let y0 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c) as *const __m256i);
+                    let y1 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c + 32) as *const __m256i);
+                    let s0 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c, scales).0));
+                    let s1 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c + 1, scales).0));
+                    acc = _mm256_add_epi32(acc, scaled_dot32(_mm256_and_si256(v, low), y0, s0));
+                    acc = _mm256_add_epi32(acc, scaled_dot32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), y1, s1));
+                }
+                hsum_i32(acc)
+            };
+            let d = f16_at(b, 0) * yb.d;
+            let dmin = f16_at(b, 2) * yb.d;
+            sumf += d * isum as f32;
+            sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+        }
+        out[r] = sumf;
+    }
+}
+
+/// [`dot_q5_k`] over rows, the integer sums in AVX2 as [`dot_rows_q4_k_avx2`]; same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_q5_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = (row_bytes / 176).min(y.len());
+    let low = _mm256_set1_epi8(0x0F);
+    let five = _mm256_set1_epi8(0x10);
+    for r in 0..out.len() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut sumf = 0.0f32;
+        for i in 0..nb {
+            let b = &row[176 * i..176 * i + 176];
+            let yb = &y[i];
+            let scales = &b[4..16];
+            // SAFETY: b[16..48], b[48..176] and yb.qs hold 32, 128 and 256 bytes; unaligned loads.
+            let isum = unsafe {
+                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let mut acc = _mm256_setzero_si256();
+                for c in 0..4 {
+                    let v = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
+                    let y0 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c) as *const __m256i);
+                    let y1 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c + 32) as *const __m256i);
+                    // the fifth bit of sub-block j is bit j of qh[l]: 0x10 where it is set
+                    let (m0, m1) = (_mm256_set1_epi8(1i8 << (2 * c)), _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8));
+                    let h0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m0), m0), five);
+                    let h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m1), m1), five);
+                    let q0 = _mm256_or_si256(_mm256_and_si256(v, low), h0);
+                    let q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), h1);
+                    let s0 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c, scales).0));
+                    let s1 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c + 1, scales).0));
+                    acc = _mm256_add_epi32(acc, scaled_dot32(q0, y0, s0));
+                    acc = _mm256_add_epi32(acc, scaled_dot32(q1, y1, s1));
+                }
+                hsum_i32(acc)
+            };
+            let d = f16_at(b, 0) * yb.d;
+            let dmin = f16_at(b, 2) * yb.d;
+            sumf += d * isum as f32;
+            sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+        }
+        out[r] = sumf;
+    }
+}
+
+/// [`dot_q6_k`] over rows: `Σ_g sc_g·Σ(q − 32)·y` as `Σ_g sc_g·Σq·y − 32·Σ_g sc_g·bsum_g`
+/// (`q` unsigned in AVX2, the Q8_K block sums for the offset), the same exact `i32` and the
+/// same float step, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_q6_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = (row_bytes / 210).min(y.len());
+    let low = _mm256_set1_epi8(0x0F);
+    let two = _mm256_set1_epi8(0x03);
+    for r in 0..out.len() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut sumf = 0.0f32;
+        for i in 0..nb {
+            let b = &row[210 * i..210 * i + 210];
+            let yb = &y[i];
+            let scales = &b[192..208];
+            let offset: i32 = (0..16).map(|g| i32::from(scales[g] as i8) * i32::from(yb.bsums[g])).sum::<i32>() * 32;
+            // SAFETY: b[0..192] and yb.qs hold 192 and 256 bytes; unaligned loads.
+            let isum = unsafe {
+                let mut acc = _mm256_setzero_si256();
+                for h in 0..2 {
+                    let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+                    for k in 0..4 {
+                        let ql = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32 * (k % 2)) as *const __m256i);
+                        let nib = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                        let hi = match k {
+                            0 => qh,
+                            1 => _mm256_srli_epi16(qh, 2),
+                            2 => _mm256_srli_epi16(qh, 4),
+                            _ => _mm256_srli_epi16(qh, 6),
+                        };
+                        let q = _mm256_or_si256(
+                            _mm256_and_si256(nib, low),
+                            _mm256_slli_epi16(_mm256_and_si256(hi, two), 4),
+                        );
+                        let i0 = 128 * h + 32 * k;
+                        let yv = _mm256_loadu_si256(yb.qs.as_ptr().add(i0) as *const __m256i);
+                        let sc = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(scales[i0 / 16 + 1] as i8)),
+                            _mm_set1_epi16(i16::from(scales[i0 / 16] as i8)),
+                        );
+                        acc = _mm256_add_epi32(acc, scaled_dot32(q, yv, sc));
+                    }
+                }
+                hsum_i32(acc)
+            };
+            sumf += (f16_at(b, 208) * yb.d) * (isum - offset) as f32;
         }
         out[r] = sumf;
     }
