@@ -326,11 +326,11 @@ pub fn dot_rows(
                     return Ok(());
                 }
                 (GgmlType::Q4K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q4_k_avx2(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<false>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q5K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q5_k_avx2(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<true>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q6K, QuantRow::Q8K(y)) => {
@@ -497,79 +497,51 @@ unsafe fn scaled_dot32(
     _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), sc)
 }
 
-/// [`dot_q4_k`] over rows with each super-block's integer sum `Σ_j sc_j·Σq·y` in AVX2: the same
-/// exact `i32` and the same float steps, so the same bits.
+/// [`dot_q4_k`] (`FIVE = false`) or [`dot_q5_k`] (`FIVE = true`) over rows, each super-block's
+/// integer sum `Σ_j sc_j·Σq·y` in AVX2: the same exact `i32` and the same float steps, so the
+/// same bits.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q4_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+unsafe fn dot_rows_q45_k_avx2<const FIVE: bool>(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let nb = (row_bytes / 144).min(y.len());
-    let low = _mm256_set1_epi8(0x0F);
-    for r in 0..out.len() {
-        let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        let mut sumf = 0.0f32;
-        for i in 0..nb {
-            let b = &row[144 * i..144 * i + 144];
-            let yb = &y[i];
-            let scales = &b[4..16];
-            // SAFETY: b[16..144] and yb.qs hold 128 and 256 bytes; unaligned loads.
-            let isum = unsafe {
-                let mut acc = _mm256_setzero_si256();
-                for c in 0..4 {
-                    let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    let y0 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c) as *const __m256i);
-                    let y1 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c + 32) as *const __m256i);
-                    let s0 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c, scales).0));
-                    let s1 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c + 1, scales).0));
-                    acc = _mm256_add_epi32(acc, scaled_dot32(_mm256_and_si256(v, low), y0, s0));
-                    acc = _mm256_add_epi32(acc, scaled_dot32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), y1, s1));
-                }
-                hsum_i32(acc)
-            };
-            let d = f16_at(b, 0) * yb.d;
-            let dmin = f16_at(b, 2) * yb.d;
-            sumf += d * isum as f32;
-            sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
-        }
-        out[r] = sumf;
-    }
-}
-
-/// [`dot_q5_k`] over rows, the integer sums in AVX2 as [`dot_rows_q4_k_avx2`]; same bits.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q5_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let nb = (row_bytes / 176).min(y.len());
+    // Q4_K: d, dmin, 12 scale bytes, 128 nibble bytes; Q5_K: 32 bytes of fifth bits before the nibbles
+    let (bytes, qs) = if FIVE { (176, 48) } else { (144, 16) };
+    let nb = (row_bytes / bytes).min(y.len());
     let low = _mm256_set1_epi8(0x0F);
     let five = _mm256_set1_epi8(0x10);
     for r in 0..out.len() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
         let mut sumf = 0.0f32;
         for i in 0..nb {
-            let b = &row[176 * i..176 * i + 176];
+            let b = &row[bytes * i..bytes * (i + 1)];
             let yb = &y[i];
             let scales = &b[4..16];
-            // SAFETY: b[16..48], b[48..176] and yb.qs hold 32, 128 and 256 bytes; unaligned loads.
+            // SAFETY: b[16..48] (Q5_K), b[qs..qs + 128] and yb.qs hold 32, 128 and 256 bytes;
+            // unaligned loads.
             let isum = unsafe {
-                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let qh = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i) } else { low };
                 let mut acc = _mm256_setzero_si256();
                 for c in 0..4 {
-                    let v = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
+                    let v = _mm256_loadu_si256(b.as_ptr().add(qs + 32 * c) as *const __m256i);
                     let y0 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c) as *const __m256i);
                     let y1 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c + 32) as *const __m256i);
-                    // the fifth bit of sub-block j is bit j of qh[l]: 0x10 where it is set
-                    let (m0, m1) = (_mm256_set1_epi8(1i8 << (2 * c)), _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8));
-                    let h0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m0), m0), five);
-                    let h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m1), m1), five);
-                    let q0 = _mm256_or_si256(_mm256_and_si256(v, low), h0);
-                    let q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), h1);
+                    let mut q0 = _mm256_and_si256(v, low);
+                    let mut q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    if FIVE {
+                        // the fifth bit of sub-block j is bit j of qh[l]: 0x10 where it is set
+                        let (m0, m1) = (_mm256_set1_epi8(1i8 << (2 * c)), _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8));
+                        q0 = _mm256_or_si256(
+                            q0,
+                            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m0), m0), five),
+                        );
+                        q1 = _mm256_or_si256(
+                            q1,
+                            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m1), m1), five),
+                        );
+                    }
                     let s0 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c, scales).0));
                     let s1 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c + 1, scales).0));
                     acc = _mm256_add_epi32(acc, scaled_dot32(q0, y0, s0));
