@@ -168,7 +168,7 @@ pub fn run(
 
     // 3. the record, before anything can crash; first, the runs of runners on this host that
     // died without finishing theirs (killed, crashed) are finished as errored
-    let host = std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string());
+    let host = owner::hostname();
     if let Some(h) = &host {
         for a in recorder.sweep_abandoned(h)? {
             eprintln!("note: run {} was left running by pid {}, which is gone: recorded as errored", a.run, a.pid);

@@ -75,6 +75,19 @@ impl fmt::Display for Owner {
     }
 }
 
+/// This machine's host name, as runs record it: `/etc/hostname`, else `gethostname(2)`.
+pub fn hostname() -> Option<String> {
+    let from_file = std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string());
+    from_file.filter(|s| !s.is_empty()).or_else(|| {
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is writable for its length; gethostname NUL-terminates within it on success.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+        let end = buf.iter().position(|&b| b == 0)?;
+        let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+        (rc == 0 && !name.is_empty()).then_some(name)
+    })
+}
+
 fn boot_id() -> Option<String> {
     let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     Some(s.trim().to_string()).filter(|s| !s.is_empty() && !s.contains('/'))
@@ -117,6 +130,11 @@ mod tests {
         // another boot: gone; another pid namespace: cannot tell
         assert_eq!(Owner { boot_id: "other-boot".into(), ..me.clone() }.alive(), Some(false));
         assert_eq!(Owner { pid_ns: "1".into(), ..me }.alive(), None);
+    }
+
+    #[test]
+    fn this_host_has_a_name() {
+        assert!(hostname().is_some_and(|h| !h.is_empty() && !h.contains('\n')));
     }
 
     #[test]

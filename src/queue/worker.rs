@@ -87,8 +87,7 @@ pub struct WorkerOptions {
 impl WorkerOptions {
     /// From `[queue]`, with the device detected when not configured.
     pub fn from_config(cfg: &Config, cwd: PathBuf) -> WorkerOptions {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-        let host = if host.is_empty() { "worker".to_string() } else { host };
+        let host = crate::once::owner::hostname().unwrap_or_else(|| "worker".to_string());
         let q = &cfg.queue;
         WorkerOptions {
             name: format!("{host}-{}", std::process::id()),
