@@ -67,8 +67,6 @@ pub trait Recorder {
 pub struct Abandoned {
     pub run: i64,
     pub pid: u32,
-    /// What the run's error now says.
-    pub error: String,
 }
 
 /// The reference name a series is stored under: `<ref-id>` for prefill, `<ref-id>/<mode>`

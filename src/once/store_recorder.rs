@@ -164,8 +164,8 @@ impl Recorder for StoreRecorder {
                     std::process::id(),
                     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
                 );
-                match store.finish_run(run.id, &RunResults::errored(error.clone())).await {
-                    Ok(()) => swept.push(Abandoned { run: run.id.0, pid: owner.pid, error }),
+                match store.finish_run(run.id, &RunResults::errored(error)).await {
+                    Ok(()) => swept.push(Abandoned { run: run.id.0, pid: owner.pid }),
                     // finished meanwhile by someone else: nothing left to do
                     Err(store::StoreError::InvalidTransition { .. }) => {}
                     Err(e) => return Err(e.into()),

@@ -491,11 +491,26 @@ fn prof_end(g: &mut Gpu) -> Result<Option<&'static str>, BackendError> {
     }
 }
 
-/// Profiling: `ms` of host-only work in `step`.
-fn prof_host(g: &mut Gpu, step: &'static str, t0: std::time::Instant) {
-    if let Some(p) = g.profile.as_mut() {
+/// Host work that waits for the GPU (a download, the MoE plan). When profiling, the running
+/// stretch ends before it, its time counts as the host-only `step`, and a new stretch begins
+/// after it with the step `resume` (`None`: the forward pass ends there).
+fn off_stream<R>(
+    g: &mut Gpu,
+    ty: StorageType,
+    step: &'static str,
+    resume: Option<&'static str>,
+    work: impl FnOnce(&mut Gpu) -> Result<R, BackendError>,
+) -> Result<R, BackendError> {
+    let phase = prof_end(g)?;
+    let t0 = std::time::Instant::now();
+    let r = work(g)?;
+    if let (Some(phase), Some(p)) = (phase, g.profile.as_mut()) {
         p.host(step, t0.elapsed().as_secs_f64() * 1e3);
+        if let Some(next) = resume {
+            prof_begin(g, ty, phase, next)?;
+        }
     }
+    Ok(r)
 }
 
 /// `out_s[t, n_s] = x[t, k] · w_s[n_s, k]ᵀ` for up to three products `(out_s, w_s, n_s)` of the
@@ -623,14 +638,11 @@ fn capture(
     width: usize,
 ) -> Result<(), BackendError> {
     if io.plan.wants(point, layer) && !io.capture_rows.is_empty() {
-        let phase = prof_end(g)?;
-        let t0 = std::time::Instant::now();
-        let v = download(g, ty, src, t * width)?;
-        io.sink.push_f32(point, layer, &v, width, io.capture_rows);
-        if let Some(phase) = phase {
-            prof_host(g, "capture_download", t0);
-            prof_begin(g, ty, phase, "after_capture")?;
-        }
+        off_stream(g, ty, "capture_download", Some("after_capture"), |g| {
+            let v = download(g, ty, src, t * width)?;
+            io.sink.push_f32(point, layer, &v, width, io.capture_rows);
+            Ok(())
+        })?;
     }
     Ok(())
 }
@@ -939,12 +951,7 @@ pub fn forward(
         prof_step(g, "lm_head")?;
         launch!(g, ty, "pb_gather_rows", kernels::rows_geometry(n, h), lin, p.hn, rows, hi);
         matmul(g, ty, lg, lin, lm_head, n, h, c.vocab_size)?;
-        let profiled = prof_end(g)?.is_some();
-        let t0 = std::time::Instant::now();
-        *io.logits = download(g, ty, lg, n * c.vocab_size)?;
-        if profiled {
-            prof_host(g, "logits_download", t0);
-        }
+        *io.logits = off_stream(g, ty, "logits_download", None, |g| download(g, ty, lg, n * c.vocab_size))?;
     } else {
         prof_end(g)?;
         g.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize", e))?;
@@ -976,29 +983,24 @@ fn sparse_moe(
     if t == 1 {
         return experts_of_one_row(g, ty, m, p, layer, h, io);
     }
-    let phase = prof_end(g)?;
-    let t0 = std::time::Instant::now();
-    let ids = download_i32(g, p.topk_ids, t * k)?;
-    let mut w = vec![0f32; t * k];
-    // SAFETY: `topk_w` holds t * k f32; synchronised before `w` is read.
-    unsafe { cur::memcpy_dtoh_async(&mut w, p.topk_w, g.stream.cu_stream()) }
-        .map_err(|e| cuda_err("cuMemcpyDtoH", e))?;
-    g.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize", e))?;
-    if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
-        io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
-    }
-
-    let plan = plan_experts(&ids, &w, k, e).map_err(|x| BackendError::Cuda {
-        call: "pb_moe_route".into(),
-        message: format!("layer {layer}: routed to expert {x} of {e}"),
+    let plan = off_stream(g, ty, "moe_plan", Some("moe_experts"), |g| {
+        let ids = download_i32(g, p.topk_ids, t * k)?;
+        let mut w = vec![0f32; t * k];
+        // SAFETY: `topk_w` holds t * k f32; synchronised before `w` is read.
+        unsafe { cur::memcpy_dtoh_async(&mut w, p.topk_w, g.stream.cu_stream()) }
+            .map_err(|e| cuda_err("cuMemcpyDtoH", e))?;
+        g.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+        if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
+            io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
+        }
+        let plan = plan_experts(&ids, &w, k, e).map_err(|x| BackendError::Cuda {
+            call: "pb_moe_route".into(),
+            message: format!("layer {layer}: routed to expert {x} of {e}"),
+        })?;
+        upload_into(g, p.route_rows, &plan.rows)?;
+        upload_into(g, p.route_w, &plan.weights)?;
+        Ok(plan)
     })?;
-    let (rows, weights) = (&plan.rows, &plan.weights);
-    upload_into(g, p.route_rows, rows)?;
-    upload_into(g, p.route_w, weights)?;
-    if let Some(phase) = phase {
-        prof_host(g, "moe_plan", t0);
-        prof_begin(g, ty, phase, "moe_experts")?;
-    }
 
     // SAFETY: `o` holds t * H elements.
     unsafe { cur::memset_d8_async(p.o, 0, t * h * s, g.stream.cu_stream()) }.map_err(|e| cuda_err("cuMemset", e))?;
@@ -1035,12 +1037,11 @@ fn experts_of_one_row(
 ) -> Result<(), BackendError> {
     let (e, k, im) = (m.n_experts, m.top_k, m.inter);
     if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
-        let phase = prof_end(g)?;
-        let ids = download_i32(g, p.topk_ids, k)?;
-        io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
-        if let Some(phase) = phase {
-            prof_begin(g, ty, phase, "after_capture")?;
-        }
+        off_stream(g, ty, "capture_download", Some("after_capture"), |g| {
+            let ids = download_i32(g, p.topk_ids, k)?;
+            io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
+            Ok(())
+        })?;
     }
     prof_step(g, "moe_experts")?;
     let (ei, hi, imi, ki) = (e as i32, h as i32, im as i32, k as i32);
