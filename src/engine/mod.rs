@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod captures;
 pub mod config;
+pub mod ggml;
 pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;

@@ -16,6 +16,7 @@ use crate::protocol::CapturePoint;
 use super::EngineError;
 use super::captures::{CapturePlan, CaptureSink};
 use super::config::{Architecture, ModelConfig};
+use super::ggml;
 use super::kernels::{self, AttnShape};
 use super::kv_cache::KvCache;
 use super::matrix::{self, Matrix, QuantDot};
@@ -479,6 +480,15 @@ impl Model {
             })
     }
 
+    /// RMSNorm with the weight, HF's or (with [`Model::llamacpp_numerics`]) ggml's arithmetic.
+    fn rmsnorm(&self, out: &mut [f32], x: &[f32], w: &[f32]) {
+        if self.llamacpp_numerics {
+            ggml::rmsnorm(out, x, w, self.config.rms_norm_eps as f32);
+        } else {
+            kernels::rmsnorm(out, x, w, self.config.rms_norm_eps);
+        }
+    }
+
     /// Runs `tokens` at positions `cache.len()..` through the model, appends their keys
     /// and values to `cache`, records the captures `io.plan` asks for at rows
     /// `io.capture_rows`, and writes the logits of rows `io.logit_rows` to `io.logits`
@@ -519,7 +529,7 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
             // 2. Input RMSNorm. hn: [t, H]
-            kernels::rmsnorm(&mut s.hn, &s.x, &layer.input_layernorm, c.rms_norm_eps);
+            self.rmsnorm(&mut s.hn, &s.x, &layer.input_layernorm);
             io.capture(CapturePoint::AttnNorm, li, &s.hn, h);
 
             // 3. q, k, v projections (+ bias on qwen2). q: [t, n_heads * hd], k, v: [t, n_kv * hd]
@@ -530,19 +540,27 @@ impl Model {
 
             // 4. Per-head RMSNorm of q and k (qwen3), then RoPE on both.
             if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-                kernels::rmsnorm_heads_in_place(&mut s.q, qn, c.rms_norm_eps);
-                kernels::rmsnorm_heads_in_place(&mut s.k, kn, c.rms_norm_eps);
+                if self.llamacpp_numerics {
+                    ggml::rmsnorm_in_place(&mut s.q, qn, c.rms_norm_eps as f32);
+                    ggml::rmsnorm_in_place(&mut s.k, kn, c.rms_norm_eps as f32);
+                } else {
+                    kernels::rmsnorm_heads_in_place(&mut s.q, qn, c.rms_norm_eps);
+                    kernels::rmsnorm_heads_in_place(&mut s.k, kn, c.rms_norm_eps);
+                }
             }
+            let rope = if self.llamacpp_numerics { ggml::rope_in_place } else { kernels::rope_in_place };
             for ti in 0..t {
                 let (cs, sn) = (&s.cos[ti * half..(ti + 1) * half], &s.sin[ti * half..(ti + 1) * half]);
-                kernels::rope_in_place(&mut s.q[ti * c.q_dim()..(ti + 1) * c.q_dim()], cs, sn);
-                kernels::rope_in_place(&mut s.k[ti * c.kv_dim()..(ti + 1) * c.kv_dim()], cs, sn);
+                rope(&mut s.q[ti * c.q_dim()..(ti + 1) * c.q_dim()], cs, sn);
+                rope(&mut s.k[ti * c.kv_dim()..(ti + 1) * c.kv_dim()], cs, sn);
             }
             #[cfg(feature = "mutation-testing")]
             super::mutation::after_rope(self.mutation, &mut s.q, c.q_dim(), &self.inv_freq);
 
             if self.llamacpp_numerics {
-                for buf in [&mut s.q, &mut s.k, &mut s.v] {
+                // the cache holds f16 (SET_ROWS rounds to nearest even); ggml converts Q to
+                // f16 inside the product with K
+                for buf in [&mut s.k, &mut s.v] {
                     kernels::round_to_f16(buf);
                 }
             }
@@ -565,10 +583,16 @@ impl Model {
                 f16_probs: self.llamacpp_numerics,
             };
             let (keys, values) = (&kc[..(pos0 + t) * kv], &vc[..(pos0 + t) * kv]);
-            #[cfg(not(feature = "mutation-testing"))]
-            kernels::attention(&mut s.attn, &s.q, keys, values, shape);
-            #[cfg(feature = "mutation-testing")]
-            super::mutation::attention(self.mutation, &mut s.attn, &s.q, keys, values, shape);
+            if self.llamacpp_numerics {
+                let to16 = |x: &[f32]| x.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>();
+                let g = ggml::AttnShape { t, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
+                ggml::attention(&mut s.attn, &s.q, &to16(keys), &to16(values), g);
+            } else {
+                #[cfg(not(feature = "mutation-testing"))]
+                kernels::attention(&mut s.attn, &s.q, keys, values, shape);
+                #[cfg(feature = "mutation-testing")]
+                super::mutation::attention(self.mutation, &mut s.attn, &s.q, keys, values, shape);
+            }
 
             // 6. Output projection, then the residual add. o: [t, H]
             a.o_proj.forward(&mut s.o, &s.attn, t, qd);
@@ -576,13 +600,13 @@ impl Model {
             kernels::add_in_place(&mut s.x, &s.o);
 
             // 7. Post-attention RMSNorm.
-            kernels::rmsnorm(&mut s.hn, &s.x, &layer.post_attention_layernorm, c.rms_norm_eps);
+            self.rmsnorm(&mut s.hn, &s.x, &layer.post_attention_layernorm);
             io.capture(CapturePoint::FfnNorm, li, &s.hn, h);
 
             // 8. Feed-forward: dense SwiGLU or routed experts. o: [t, H]
             match &layer.mlp {
-                FeedForward::Dense(m) => dense_mlp(m, t, s, qd),
-                FeedForward::Sparse(m) => sparse_moe(m, li, t, s, io, qd),
+                FeedForward::Dense(m) => dense_mlp(m, t, s, qd, self.llamacpp_numerics),
+                FeedForward::Sparse(m) => sparse_moe(m, li, t, s, io, qd, self.llamacpp_numerics),
             }
             io.capture(CapturePoint::FfnOut, li, &s.o, h);
 
@@ -599,7 +623,7 @@ impl Model {
             merged_rows(io.logit_rows, if io.plan.wants(CapturePoint::FinalNorm, 0) { io.capture_rows } else { &[] });
         let mut fin = vec![0.0f32; rows.len() * h]; // [rows, H]
         for (fr, &r) in fin.chunks_mut(h).zip(&rows) {
-            kernels::rmsnorm(fr, &s.x[r * h..(r + 1) * h], &self.norm, c.rms_norm_eps);
+            self.rmsnorm(fr, &s.x[r * h..(r + 1) * h], &self.norm);
         }
         if io.plan.wants(CapturePoint::FinalNorm, 0) {
             let sel: Vec<usize> = io.capture_rows.iter().map(|r| rows.binary_search(r).unwrap_or(0)).collect();
@@ -621,6 +645,16 @@ impl Model {
     }
 }
 
+/// `gate = silu(gate) · up`, as HF computes it or (`ggml_numerics`) as ggml does.
+fn swiglu(gate: &mut [f32], up: &[f32], ggml_numerics: bool) {
+    if ggml_numerics {
+        let x = gate.to_vec();
+        ggml::swiglu(gate, &x, up);
+    } else {
+        kernels::swiglu_in_place(gate, up);
+    }
+}
+
 /// The union of two ascending row lists, ascending.
 fn merged_rows(a: &[usize], b: &[usize]) -> Vec<usize> {
     let mut r: Vec<usize> = a.iter().chain(b).copied().collect();
@@ -630,19 +664,27 @@ fn merged_rows(a: &[usize], b: &[usize]) -> Vec<usize> {
 }
 
 /// `o = down(silu(gate(hn)) * up(hn))`.
-fn dense_mlp(m: &Mlp, t: usize, s: &mut Scratch, qd: QuantDot) {
+fn dense_mlp(m: &Mlp, t: usize, s: &mut Scratch, qd: QuantDot, ggml_numerics: bool) {
     let im = m.gate_proj.out_features;
     let (g, u) = (&mut s.g[..t * im], &mut s.u[..t * im]);
     m.gate_proj.forward(g, &s.hn, t, qd);
     m.up_proj.forward(u, &s.hn, t, qd);
-    kernels::swiglu_in_place(g, u);
+    swiglu(g, u, ggml_numerics);
     m.down_proj.forward(&mut s.o, g, t, qd);
 }
 
 /// Router logits, softmax (f32), top-k (ties: lower expert first), optional
 /// renormalisation, then for each expert in index order the SwiGLU of the rows routed to
 /// it, scaled by their routing weight and added to `o` (HF's order of accumulation).
-fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut ForwardIo<'_>, qd: QuantDot) {
+fn sparse_moe(
+    m: &SparseMoe,
+    layer: usize,
+    t: usize,
+    s: &mut Scratch,
+    io: &mut ForwardIo<'_>,
+    qd: QuantDot,
+    ggml_numerics: bool,
+) {
     let (e, k, im) = (m.n_experts, m.top_k, m.intermediate_size);
     let h = m.gate.in_features;
 
@@ -688,7 +730,7 @@ fn sparse_moe(m: &SparseMoe, layer: usize, t: usize, s: &mut Scratch, io: &mut F
         let (g, u) = (&mut s.g[..n * im], &mut s.u[..n * im]); // [n, I]
         matrix::matmul(g, xin, m.experts_gate_proj.rows_view(x * im..(x + 1) * im), n, qd);
         matrix::matmul(u, xin, m.experts_up_proj.rows_view(x * im..(x + 1) * im), n, qd);
-        kernels::swiglu_in_place(g, u);
+        swiglu(g, u, ggml_numerics);
         let d = &mut s.moe_out[..n * h]; // [n, H]
         matrix::matmul(d, g, m.experts_down_proj.rows_view(x * h..(x + 1) * h), n, qd);
         for (dr, &(r, wgt)) in d.chunks(h).zip(rows) {

@@ -51,6 +51,7 @@ use half::f16;
 
 use super::gguf::GgmlType;
 use super::gguf::quants::{f16_at, scale_min_k4};
+use super::ggml::hsum8;
 use super::kernels::round_f16;
 
 /// Elements per block of Q8_0 / Q8_1 (and of Q4_0, Q4_1, Q5_0, Q5_1).
@@ -445,24 +446,23 @@ unsafe fn dot_rows_q8_0_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8_0], out: &
     let nb = (row_bytes / 34).min(y.len());
     for r in 0..out.len() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        let mut sumf = 0.0f32;
+        let mut acc = _mm256_setzero_ps();
         for i in 0..nb {
             let b = &row[34 * i..34 * i + 34];
             let yb = &y[i];
             // SAFETY: `b[2..34]` and `yb.qs` hold 32 bytes each; unaligned loads.
-            let isum = unsafe {
+            unsafe {
                 let vx = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
                 let vy = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
                 let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(vx, vx), _mm256_sign_epi8(vy, vx));
                 let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-                let s4 = _mm_add_epi32(_mm256_castsi256_si128(p32), _mm256_extracti128_si256(p32, 1));
-                let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-                let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
-                _mm_cvtsi128_si32(s1)
-            };
-            sumf += isum as f32 * (f16_at(b, 0) * yb.d);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0) * yb.d), _mm256_cvtepi32_ps(p32), acc);
+            }
         }
-        out[r] = sumf;
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        out[r] = hsum8(&lanes);
     }
 }
 
@@ -639,12 +639,18 @@ fn isum16(a: &[i8], b: &[i8]) -> i32 {
 /// Q8_0 (34 bytes: f16 d, 32 × i8) · Q8_0: `Σ_b Σq·(dx·dy)`.
 #[inline(always)]
 fn dot_q8_0(w: &[u8], y: &[BlockQ8_0]) -> f32 {
-    let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
     for (b, yb) in w.as_chunks::<34>().0.iter().zip(y) {
-        let q: [i8; 32] = std::array::from_fn(|j| b[2 + j] as i8);
-        sumf += isum32(&q, &yb.qs) as f32 * (f16_at(b, 0) * yb.d);
+        let d = f16_at(b, 0) * yb.d;
+        for (l, a) in acc.iter_mut().enumerate() {
+            let mut s = 0i32;
+            for j in 4 * l..4 * l + 4 {
+                s += i32::from(b[2 + j] as i8) * i32::from(yb.qs[j]);
+            }
+            *a = d.mul_add(s as f32, *a);
+        }
     }
-    sumf
+    hsum8(&acc)
 }
 
 /// Q4_0 (18 bytes: f16 d, 16 bytes of nibbles; element j the low nibble of byte j, element
