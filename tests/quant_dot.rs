@@ -7,7 +7,9 @@
 //! `vec_dot_type` and `vec_dot`. Checked:
 //! - every byte of the quantized activation rows equals ggml's (Q8_0, Q8_1, Q8_K);
 //! - every dot product is within 1e-6 × Σ|wᵢ·xᵢ| of ggml's (accumulation order only: one
-//!   wrong quant moves it by about |w|·d, thousands of times more);
+//!   wrong quant moves it by about |w|·d, thousands of times more), and bit-identical for the
+//!   types of the fixture files (Q8_0, Q4_K, Q5_K, Q6_K: ggml's eight FMA lanes, its
+//!   horizontal sums);
 //! - the portable, AVX2 and AVX-512 builds give the same bits;
 //! - on F16 and quantized files with `QuantDot::F32`, every weight matrix's product is
 //!   bit-identical to dequantizing the whole matrix and calling `kernels::matmul_t` (the
@@ -197,6 +199,10 @@ fn quantizers_and_dot_products_match_ggml_on_real_blocks() {
         let mag: f64 = wf.iter().zip(&c.x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
         let err = (got as f64 - *dot_ggml as f64).abs() / mag.max(f64::MIN_POSITIVE);
         assert!(err <= 1e-6, "{}: engine {got} vs ggml {dot_ggml}: {err:.2e} of Σ|w·x| = {mag:.3e}", c.what);
+        // the types of the fixture files follow ggml's lanes and FMAs to the bit
+        if matches!(c.ty, GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) {
+            assert_eq!(got.to_bits(), dot_ggml.to_bits(), "{}: engine {got} vs ggml {dot_ggml}: not the same bits", c.what);
+        }
         let w = worst.entry(c.ty.name()).or_insert(0.0f64);
         *w = w.max(err);
     }

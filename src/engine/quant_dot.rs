@@ -327,15 +327,15 @@ pub fn dot_rows(
                     return Ok(());
                 }
                 (GgmlType::Q4K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q45_k_avx2::<false>(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<false, false>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q5K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q45_k_avx2::<true>(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<true, false>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q6K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q6_k_avx2(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q6_k_avx2::<false>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 _ => {}
@@ -357,6 +357,62 @@ pub fn dot_rows(
     }
     let _ = simd;
     dot_rows_body(ty, w, row_bytes, a, out);
+    Ok(())
+}
+
+/// Which of ggml-cpu's matrix kernels a product of `batch` activation rows with weights of
+/// type `ty` takes on x86 (`ggml_compute_forward_mul_mat`): the tiled K-quant kernel
+/// (`ggml-cpu/tiled`) for Q5_K and Q6_K from 8 rows on, else `vec_dot` (llamafile's
+/// `tinyBLAS_Q0_AVX` for Q8_0 batches adds the same lanes in the same order).
+pub fn takes_tiled(ty: GgmlType, batch: usize) -> bool {
+    batch >= 8 && matches!(ty, GgmlType::Q5K | GgmlType::Q6K)
+}
+
+/// [`dot_rows`] as the kernel ggml picks for a product of `batch` rows computes it
+/// ([`takes_tiled`]): the tiled kernel adds each super-block's exact integer sum `S` as
+/// `(S · dx) · dy` (Q6_K) or `fma(−dmin, M, S · d) · dy` (Q5_K), one super-block after the
+/// other; `vec_dot` keeps eight lanes of FMAs (see each type's kernel).
+pub fn dot_rows_batched(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    a: QuantRow<'_>,
+    out: &mut [f32],
+    simd: SimdLevel,
+    batch: usize,
+) -> Result<(), DotTypeMismatch> {
+    if !takes_tiled(ty, batch) {
+        return dot_rows(ty, w, row_bytes, a, out, simd);
+    }
+    let QuantRow::Q8K(y) = a else {
+        return dot_rows(ty, w, row_bytes, a, out, simd);
+    };
+    let simd = simd.min(SimdLevel::detect());
+    match ty {
+        GgmlType::Q6K => {
+            #[cfg(target_arch = "x86_64")]
+            if simd >= SimdLevel::Avx2 {
+                // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
+                unsafe { dot_rows_q6_k_avx2::<true>(w, row_bytes, y, out) };
+                return Ok(());
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = dot_q6_k::<true>(&w[r * row_bytes..(r + 1) * row_bytes], y);
+            }
+        }
+        GgmlType::Q5K => {
+            #[cfg(target_arch = "x86_64")]
+            if simd >= SimdLevel::Avx2 {
+                // SAFETY: as above.
+                unsafe { dot_rows_q45_k_avx2::<true, true>(w, row_bytes, y, out) };
+                return Ok(());
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = dot_q5_k::<true>(&w[r * row_bytes..(r + 1) * row_bytes], y);
+            }
+        }
+        _ => return dot_rows(ty, w, row_bytes, a, out, simd),
+    }
     Ok(())
 }
 
@@ -416,17 +472,17 @@ fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out:
         }
         (GgmlType::Q4K, QuantRow::Q8K(y)) => {
             for r in 0..n {
-                out[r] = dot_q4_k(row(r), y);
+                out[r] = dot_q4_k::<false>(row(r), y);
             }
         }
         (GgmlType::Q5K, QuantRow::Q8K(y)) => {
             for r in 0..n {
-                out[r] = dot_q5_k(row(r), y);
+                out[r] = dot_q5_k::<false>(row(r), y);
             }
         }
         (GgmlType::Q6K, QuantRow::Q8K(y)) => {
             for r in 0..n {
-                out[r] = dot_q6_k(row(r), y);
+                out[r] = dot_q6_k::<false>(row(r), y);
             }
         }
         _ => {}
@@ -505,7 +561,12 @@ unsafe fn scaled_dot32(
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q45_k_avx2<const FIVE: bool>(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+unsafe fn dot_rows_q45_k_avx2<const FIVE: bool, const TILED: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    y: &[BlockQ8K],
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     // Q4_K: d, dmin, 12 scale bytes, 128 nibble bytes; Q5_K: 32 bytes of fifth bits before the nibbles
     let (bytes, qs) = if FIVE { (176, 48) } else { (144, 16) };
@@ -514,14 +575,14 @@ unsafe fn dot_rows_q45_k_avx2<const FIVE: bool>(w: &[u8], row_bytes: usize, y: &
     let five = _mm256_set1_epi8(0x10);
     for r in 0..out.len() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        let mut sumf = 0.0f32;
+        let mut k = KQuantSum::default();
         for i in 0..nb {
             let b = &row[bytes * i..bytes * (i + 1)];
             let yb = &y[i];
             let scales = &b[4..16];
             // SAFETY: b[16..48] (Q5_K), b[qs..qs + 128] and yb.qs hold 32, 128 and 256 bytes;
             // unaligned loads.
-            let isum = unsafe {
+            let acc = unsafe {
                 let qh = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i) } else { low };
                 let mut acc = _mm256_setzero_si256();
                 for c in 0..4 {
@@ -547,14 +608,67 @@ unsafe fn dot_rows_q45_k_avx2<const FIVE: bool>(w: &[u8], row_bytes: usize, y: &
                     acc = _mm256_add_epi32(acc, scaled_dot32(q0, y0, s0));
                     acc = _mm256_add_epi32(acc, scaled_dot32(q1, y1, s1));
                 }
-                hsum_i32(acc)
+                acc
             };
-            let d = f16_at(b, 0) * yb.d;
-            let dmin = f16_at(b, 2) * yb.d;
-            sumf += d * isum as f32;
-            sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+            let mut lanes = [0i32; 8];
+            // SAFETY: `lanes` holds 8 i32.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+            k.add::<FIVE, TILED>(b, yb, &lanes);
         }
-        out[r] = sumf;
+        out[r] = k.finish::<TILED>();
+    }
+}
+
+/// The float side of a Q4_K / Q5_K row · Q8_K row as ggml computes it, super-block by
+/// super-block from the eight exact i32 lanes of `Σ sc·q·y` (lane `l`: bytes `4l..4l+4` of
+/// every 32-element chunk) and the mins' `Σ m·bsum`.
+#[derive(Default)]
+struct KQuantSum {
+    /// `vec_dot`: eight lanes of `fma(d, lane, acc)`, `d = y.d · f16(x.d)`.
+    acc: [f32; 8],
+    /// `vec_dot_q5_K_q8_K`: `Σ (−y.d · f16(x.dmin)) · M` (contracted to an FMA).
+    summs: f32,
+    /// `vec_dot_q4_K_q8_K`: four lanes of `fma(−y.d · f16(x.dmin), m·bsum pairs, acc_m)`.
+    acc_m: [f32; 4],
+    /// The tiled kernel: `fma(fma(−dmin, M, S · d), y.d, sum)` per super-block.
+    tiled: f32,
+}
+
+impl KQuantSum {
+    #[inline(always)]
+    fn add<const FIVE: bool, const TILED: bool>(&mut self, b: &[u8], yb: &BlockQ8K, lanes: &[i32; 8]) {
+        let scales = &b[4..16];
+        let (xd, xdmin) = (f16_at(b, 0), f16_at(b, 2));
+        if TILED {
+            let s: i32 = lanes.iter().sum();
+            let m = mins_dot_bsums(scales, &yb.bsums);
+            self.tiled = (-xdmin).mul_add(m as f32, s as f32 * xd).mul_add(yb.d, self.tiled);
+            return;
+        }
+        let d = yb.d * xd;
+        for l in 0..8 {
+            self.acc[l] = d.mul_add(lanes[l] as f32, self.acc[l]);
+        }
+        let dmin = -yb.d * xdmin;
+        if FIVE {
+            self.summs = dmin.mul_add(mins_dot_bsums(scales, &yb.bsums) as f32, self.summs);
+        } else {
+            for i in 0..4 {
+                let pair = |j: usize| {
+                    i32::from(scale_min_k4(j, scales).1) * (i32::from(yb.bsums[2 * j]) + i32::from(yb.bsums[2 * j + 1]))
+                };
+                self.acc_m[i] = dmin.mul_add((pair(2 * i) + pair(2 * i + 1)) as f32, self.acc_m[i]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn finish<const TILED: bool>(&self) -> f32 {
+        if TILED {
+            return self.tiled;
+        }
+        let m = (self.acc_m[0] + self.acc_m[2]) + (self.acc_m[1] + self.acc_m[3]);
+        hsum8(&self.acc) + (self.summs + m)
     }
 }
 
@@ -566,7 +680,7 @@ unsafe fn dot_rows_q45_k_avx2<const FIVE: bool>(w: &[u8], row_bytes: usize, y: &
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q6_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+unsafe fn dot_rows_q6_k_avx2<const TILED: bool>(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let nb = (row_bytes / 210).min(y.len());
     let low = _mm256_set1_epi8(0x0F);
@@ -574,13 +688,13 @@ unsafe fn dot_rows_q6_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &m
     for r in 0..out.len() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
         let mut sumf = 0.0f32;
+        let mut facc = _mm256_setzero_ps();
         for i in 0..nb {
             let b = &row[210 * i..210 * i + 210];
             let yb = &y[i];
             let scales = &b[192..208];
-            let offset: i32 = (0..16).map(|g| i32::from(scales[g] as i8) * i32::from(yb.bsums[g])).sum::<i32>() * 32;
             // SAFETY: b[0..192] and yb.qs hold 192 and 256 bytes; unaligned loads.
-            let isum = unsafe {
+            let lanes = unsafe {
                 let mut acc = _mm256_setzero_si256();
                 for h in 0..2 {
                     let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
@@ -606,12 +720,40 @@ unsafe fn dot_rows_q6_k_avx2(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &m
                         acc = _mm256_add_epi32(acc, scaled_dot32(q, yv, sc));
                     }
                 }
-                hsum_i32(acc)
+                acc
             };
-            sumf += (f16_at(b, 208) * yb.d) * (isum - offset) as f32;
+            let sub = q6_k_bias_lanes(scales, &yb.bsums);
+            if TILED {
+                // SAFETY: AVX2 (the caller's target features).
+                let isum = unsafe { hsum_i32(lanes) } - sub.iter().sum::<i32>();
+                sumf = (isum as f32 * f16_at(b, 208)).mul_add(yb.d, sumf);
+            } else {
+                // SAFETY: as above; `sub` holds 8 i32.
+                unsafe {
+                    let l = _mm256_sub_epi32(lanes, _mm256_loadu_si256(sub.as_ptr() as *const __m256i));
+                    facc = _mm256_fmadd_ps(_mm256_set1_ps(yb.d * f16_at(b, 208)), _mm256_cvtepi32_ps(l), facc);
+                }
+            }
         }
-        out[r] = sumf;
+        out[r] = if TILED {
+            sumf
+        } else {
+            let mut l = [0.0f32; 8];
+            // SAFETY: `l` holds 8 f32.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), facc) };
+            hsum8(&l)
+        };
     }
+}
+
+/// The `−32` of Q6_K's quants as ggml's AVX2 `vec_dot_q6_K_q8_K` takes it off, per i32 lane:
+/// lane `l` gets `32 · (sc[2l]·bsum[2l] + sc[2l+1]·bsum[2l+1])`.
+#[inline(always)]
+fn q6_k_bias_lanes(scales: &[u8], bsums: &[i16; 16]) -> [i32; 8] {
+    std::array::from_fn(|l| {
+        32 * (i32::from(scales[2 * l] as i8) * i32::from(bsums[2 * l])
+            + i32::from(scales[2 * l + 1] as i8) * i32::from(bsums[2 * l + 1]))
+    })
 }
 
 /// `Σ a[i]·b[i]` over 32 signed bytes, exact in i32.
@@ -721,76 +863,84 @@ fn mins_dot_bsums(scales: &[u8], bsums: &[i16; 16]) -> i32 {
 /// nibbles; sub-block 2c the low nibbles of bytes 32c..32c+32, 2c+1 their high nibbles) ·
 /// Q8_K: `d·Σ_j sc_j·Σq − dmin·Σ_j m_j·bsum_j` with `d = f16(x.d)·y.d`.
 #[inline(always)]
-fn dot_q4_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0.0f32;
+fn dot_q4_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
+    let mut k = KQuantSum::default();
     for (b, yb) in w.as_chunks::<144>().0.iter().zip(y) {
         let scales = &b[4..16];
         let qs = &b[16..144];
-        let mut isum = 0i32;
+        let mut lanes = [0i32; 8];
         for j in 0..8 {
             let (c, shift) = (j / 2, 4 * (j % 2));
-            let q: [i8; 32] = std::array::from_fn(|l| ((qs[32 * c + l] >> shift) & 0x0F) as i8);
-            let y32 = &yb.qs.as_chunks::<32>().0[j];
-            isum += i32::from(scale_min_k4(j, scales).0) * isum32(&q, y32);
+            let sc = i32::from(scale_min_k4(j, scales).0);
+            for p in 0..32 {
+                let q = i32::from((qs[32 * c + p] >> shift) & 0x0F);
+                lanes[p / 4] += sc * q * i32::from(yb.qs[32 * j + p]);
+            }
         }
-        let d = f16_at(b, 0) * yb.d;
-        let dmin = f16_at(b, 2) * yb.d;
-        sumf += d * isum as f32;
-        sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+        k.add::<false, TILED>(b, yb, &lanes);
     }
-    sumf
+    k.finish::<TILED>()
 }
 
 /// Q5_K (176 bytes: f16 d, f16 dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of
 /// nibbles; bit j of qh[l] is the fifth bit of element l of sub-block j) · Q8_K, as Q4_K.
 #[inline(always)]
-fn dot_q5_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
-    let mut sumf = 0.0f32;
+fn dot_q5_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
+    let mut k = KQuantSum::default();
     for (b, yb) in w.as_chunks::<176>().0.iter().zip(y) {
         let scales = &b[4..16];
         let qh = &b[16..48];
         let qs = &b[48..176];
-        let mut isum = 0i32;
+        let mut lanes = [0i32; 8];
         for j in 0..8 {
             let (c, shift) = (j / 2, 4 * (j % 2));
-            let q: [i8; 32] =
-                std::array::from_fn(|l| (((qs[32 * c + l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4)) as i8);
-            let y32 = &yb.qs.as_chunks::<32>().0[j];
-            isum += i32::from(scale_min_k4(j, scales).0) * isum32(&q, y32);
+            let sc = i32::from(scale_min_k4(j, scales).0);
+            for p in 0..32 {
+                let q = i32::from(((qs[32 * c + p] >> shift) & 0x0F) | (((qh[p] >> j) & 1) << 4));
+                lanes[p / 4] += sc * q * i32::from(yb.qs[32 * j + p]);
+            }
         }
-        let d = f16_at(b, 0) * yb.d;
-        let dmin = f16_at(b, 2) * yb.d;
-        sumf += d * isum as f32;
-        sumf -= dmin * mins_dot_bsums(scales, &yb.bsums) as f32;
+        k.add::<true, TILED>(b, yb, &lanes);
     }
-    sumf
+    k.finish::<TILED>()
 }
 
 /// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, 16 × i8 scales, f16 d;
 /// in half h, element 32k + l takes nibble k/2 of ql[64h + 32(k%2) + l] and bits 2k..2k+2
 /// of qh[32h + l]; value q − 32; 16 elements share a scale) · Q8_K: `d·Σ_g sc_g·Σq`.
 #[inline(always)]
-fn dot_q6_k(w: &[u8], y: &[BlockQ8K]) -> f32 {
+fn dot_q6_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
     let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
     for (b, yb) in w.as_chunks::<210>().0.iter().zip(y) {
         let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
-        let mut isum = 0i32;
+        // ggml's eight i32 lanes: lane l holds bytes 4l..4l+4 of every 32-element chunk
+        let mut lanes = [0i32; 8];
         for h in 0..2 {
             for k in 0..4 {
                 let shift = 4 * (k / 2);
                 let ql = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
                 let qh = &qh[32 * h..32 * h + 32];
-                let q: [i8; 32] =
-                    std::array::from_fn(|l| (((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * k)) & 3) << 4)) as i8 - 32);
                 let i0 = 128 * h + 32 * k;
-                let yq = &yb.qs[i0..i0 + 32];
-                isum += i32::from(scales[i0 / 16] as i8) * isum16(&q[..16], &yq[..16]);
-                isum += i32::from(scales[i0 / 16 + 1] as i8) * isum16(&q[16..], &yq[16..]);
+                for p in 0..32 {
+                    let q = i32::from(((ql[p] >> shift) & 0x0F) | (((qh[p] >> (2 * k)) & 3) << 4));
+                    let e = i0 + p;
+                    lanes[p / 4] += i32::from(scales[e / 16] as i8) * q * i32::from(yb.qs[e]);
+                }
             }
         }
-        sumf += (f16_at(b, 208) * yb.d) * isum as f32;
+        let sub = q6_k_bias_lanes(scales, &yb.bsums);
+        if TILED {
+            let isum = lanes.iter().sum::<i32>() - sub.iter().sum::<i32>();
+            sumf = (isum as f32 * f16_at(b, 208)).mul_add(yb.d, sumf);
+        } else {
+            let d = yb.d * f16_at(b, 208);
+            for l in 0..8 {
+                acc[l] = d.mul_add((lanes[l] - sub[l]) as f32, acc[l]);
+            }
+        }
     }
-    sumf
+    if TILED { sumf } else { hsum8(&acc) }
 }
 
 #[cfg(test)]
