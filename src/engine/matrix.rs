@@ -259,7 +259,7 @@ fn matmul_quantized(
         let w = &bytes[rows.start * row_bytes..rows.end * row_bytes];
         for ti in 0..t {
             // The pair of types was chosen by `VecDotType::of(ty)`, so this cannot fail.
-            let ok = quant_dot::dot_rows_batched(ty, w, row_bytes, act.row(ti, blocks_per_row), tmp, simd, t);
+            let ok = quant_dot::dot_rows_batched(ty, w, row_bytes, act.row(ti, blocks_per_row), tmp, simd, t, ti, n);
             debug_assert!(ok.is_ok());
             for (j, &v) in tmp.iter().enumerate() {
                 // SAFETY: `ti * n + rows.start + j < t * n = out.len()` (asserted above), and

@@ -327,11 +327,11 @@ pub fn dot_rows(
                     return Ok(());
                 }
                 (GgmlType::Q4K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q45_k_avx2::<false, false>(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<false, VEC_DOT>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q5K, QuantRow::Q8K(y)) => {
-                    unsafe { dot_rows_q45_k_avx2::<true, false>(w, row_bytes, y, out) };
+                    unsafe { dot_rows_q45_k_avx2::<true, VEC_DOT>(w, row_bytes, y, out) };
                     return Ok(());
                 }
                 (GgmlType::Q6K, QuantRow::Q8K(y)) => {
@@ -368,8 +368,16 @@ pub fn takes_tiled(ty: GgmlType, batch: usize) -> bool {
     batch >= 8 && matches!(ty, GgmlType::Q5K | GgmlType::Q6K)
 }
 
-/// [`dot_rows`] as the kernel ggml picks for a product of `batch` rows computes it
-/// ([`takes_tiled`]): the tiled kernel adds each super-block's exact integer sum `S` as
+/// Whether ggml-cpu repacks a weight of type `ty` with `rows` rows into its interleaved
+/// layout ("CPU_REPACK", `ggml-cpu/repack.cpp`, on x86 with AVX2): Q4_K with rows a
+/// multiple of 8 (`q4_K_8x8_q8_K`), computed by `gemv`/`gemm_q4_K_8x8_q8_K` at any batch.
+pub fn takes_repack(ty: GgmlType, rows: usize) -> bool {
+    ty == GgmlType::Q4K && rows.is_multiple_of(8)
+}
+
+/// [`dot_rows`] for activation row `row` of a product of `batch` rows with a weight of
+/// `weight_rows` rows, as the kernel ggml picks computes it ([`takes_repack`], [`takes_tiled`]): the repacked
+/// Q4_K kernels add `fma(S, d·y.d)` and `fma(M, dmin·y.d)` apart; the tiled kernel adds each super-block's exact integer sum `S` as
 /// `(S · dx) · dy` (Q6_K) or `fma(−dmin, M, S · d) · dy` (Q5_K), one super-block after the
 /// other; `vec_dot` keeps eight lanes of FMAs (see each type's kernel).
 pub fn dot_rows_batched(
@@ -380,8 +388,11 @@ pub fn dot_rows_batched(
     out: &mut [f32],
     simd: SimdLevel,
     batch: usize,
+    row: usize,
+    weight_rows: usize,
 ) -> Result<(), DotTypeMismatch> {
-    if !takes_tiled(ty, batch) {
+    let repack = takes_repack(ty, weight_rows);
+    if !takes_tiled(ty, batch) && !repack {
         return dot_rows(ty, w, row_bytes, a, out, simd);
     }
     let QuantRow::Q8K(y) = a else {
@@ -389,6 +400,26 @@ pub fn dot_rows_batched(
     };
     let simd = simd.min(SimdLevel::detect());
     match ty {
+        GgmlType::Q4K => {
+            // rows `0..batch - batch % 4` go through `gemm` (groups of 4), the rest `gemv`
+            let gemm = batch > 3 && row < batch - batch % 4;
+            #[cfg(target_arch = "x86_64")]
+            if simd >= SimdLevel::Avx2 {
+                // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
+                unsafe {
+                    if gemm {
+                        dot_rows_q45_k_avx2::<false, REPACK_GEMM>(w, row_bytes, y, out)
+                    } else {
+                        dot_rows_q45_k_avx2::<false, REPACK>(w, row_bytes, y, out)
+                    }
+                };
+                return Ok(());
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+                *o = if gemm { dot_q4_k::<REPACK_GEMM>(wr, y) } else { dot_q4_k::<REPACK>(wr, y) };
+            }
+        }
         GgmlType::Q6K => {
             #[cfg(target_arch = "x86_64")]
             if simd >= SimdLevel::Avx2 {
@@ -404,11 +435,11 @@ pub fn dot_rows_batched(
             #[cfg(target_arch = "x86_64")]
             if simd >= SimdLevel::Avx2 {
                 // SAFETY: as above.
-                unsafe { dot_rows_q45_k_avx2::<true, true>(w, row_bytes, y, out) };
+                unsafe { dot_rows_q45_k_avx2::<true, TILED>(w, row_bytes, y, out) };
                 return Ok(());
             }
             for (r, o) in out.iter_mut().enumerate() {
-                *o = dot_q5_k::<true>(&w[r * row_bytes..(r + 1) * row_bytes], y);
+                *o = dot_q5_k::<TILED>(&w[r * row_bytes..(r + 1) * row_bytes], y);
             }
         }
         _ => return dot_rows(ty, w, row_bytes, a, out, simd),
@@ -472,12 +503,12 @@ fn dot_rows_body(ty: GgmlType, w: &[u8], row_bytes: usize, a: QuantRow<'_>, out:
         }
         (GgmlType::Q4K, QuantRow::Q8K(y)) => {
             for r in 0..n {
-                out[r] = dot_q4_k::<false>(row(r), y);
+                out[r] = dot_q4_k::<VEC_DOT>(row(r), y);
             }
         }
         (GgmlType::Q5K, QuantRow::Q8K(y)) => {
             for r in 0..n {
-                out[r] = dot_q5_k::<false>(row(r), y);
+                out[r] = dot_q5_k::<VEC_DOT>(row(r), y);
             }
         }
         (GgmlType::Q6K, QuantRow::Q8K(y)) => {
@@ -561,7 +592,7 @@ unsafe fn scaled_dot32(
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q45_k_avx2<const FIVE: bool, const TILED: bool>(
+unsafe fn dot_rows_q45_k_avx2<const FIVE: bool, const MODE: u8>(
     w: &[u8],
     row_bytes: usize,
     y: &[BlockQ8K],
@@ -585,7 +616,9 @@ unsafe fn dot_rows_q45_k_avx2<const FIVE: bool, const TILED: bool>(
             let acc = unsafe {
                 let qh = if FIVE { _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i) } else { low };
                 let mut acc = _mm256_setzero_si256();
+                let mut per_sb = [0i32; 4];
                 for c in 0..4 {
+                    let before = acc;
                     let v = _mm256_loadu_si256(b.as_ptr().add(qs + 32 * c) as *const __m256i);
                     let y0 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c) as *const __m256i);
                     let y1 = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * c + 32) as *const __m256i);
@@ -607,15 +640,19 @@ unsafe fn dot_rows_q45_k_avx2<const FIVE: bool, const TILED: bool>(
                     let s1 = _mm256_set1_epi16(i16::from(scale_min_k4(2 * c + 1, scales).0));
                     acc = _mm256_add_epi32(acc, scaled_dot32(q0, y0, s0));
                     acc = _mm256_add_epi32(acc, scaled_dot32(q1, y1, s1));
+                    if MODE == REPACK_GEMM {
+                        per_sb[c] = hsum_i32(_mm256_sub_epi32(acc, before));
+                    }
                 }
-                acc
+                (acc, per_sb)
             };
+            let (acc, per_sb) = acc;
             let mut lanes = [0i32; 8];
             // SAFETY: `lanes` holds 8 i32.
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
-            k.add::<FIVE, TILED>(b, yb, &lanes);
+            k.add::<FIVE, MODE>(b, yb, &lanes, &per_sb);
         }
-        out[r] = k.finish::<TILED>();
+        out[r] = k.finish::<MODE>();
     }
 }
 
@@ -632,17 +669,48 @@ struct KQuantSum {
     acc_m: [f32; 4],
     /// The tiled kernel: `fma(fma(−dmin, M, S · d), y.d, sum)` per super-block.
     tiled: f32,
+    /// The repacked Q4_K kernels (`gemv`/`gemm_q4_K_8x8_q8_K`): `fma(S, d · y.d, acc)` and
+    /// `fma(M, dmin · y.d, acc_min)`, then `acc − acc_min`.
+    rep: [f32; 2],
 }
+
+/// Which ggml kernel a K-quant product follows (a const parameter of the kernels here).
+pub const VEC_DOT: u8 = 0;
+pub const TILED: u8 = 1;
+pub const REPACK: u8 = 2;
+/// `gemm_q4_K_8x8_q8_K` (groups of 4 activation rows): as [`REPACK`] but one FMA per pair of
+/// sub-blocks (64 elements), not per super-block.
+pub const REPACK_GEMM: u8 = 3;
 
 impl KQuantSum {
     #[inline(always)]
-    fn add<const FIVE: bool, const TILED: bool>(&mut self, b: &[u8], yb: &BlockQ8K, lanes: &[i32; 8]) {
+    fn add<const FIVE: bool, const MODE: u8>(&mut self, b: &[u8], yb: &BlockQ8K, lanes: &[i32; 8], per_sb: &[i32; 4]) {
         let scales = &b[4..16];
         let (xd, xdmin) = (f16_at(b, 0), f16_at(b, 2));
-        if TILED {
+        if MODE == TILED {
             let s: i32 = lanes.iter().sum();
             let m = mins_dot_bsums(scales, &yb.bsums);
             self.tiled = (-xdmin).mul_add(m as f32, s as f32 * xd).mul_add(yb.d, self.tiled);
+            return;
+        }
+        if MODE == REPACK_GEMM {
+            let (d, dm) = (xd * yb.d, xdmin * yb.d);
+            for (c, &sc) in per_sb.iter().enumerate() {
+                let m: i32 = (2 * c..2 * c + 2)
+                    .map(|j| {
+                        i32::from(scale_min_k4(j, scales).1) * (i32::from(yb.bsums[2 * j]) + i32::from(yb.bsums[2 * j + 1]))
+                    })
+                    .sum();
+                self.rep[0] = (sc as f32).mul_add(d, self.rep[0]);
+                self.rep[1] = (m as f32).mul_add(dm, self.rep[1]);
+            }
+            return;
+        }
+        if MODE == REPACK {
+            let s: i32 = lanes.iter().sum();
+            let m = mins_dot_bsums(scales, &yb.bsums);
+            self.rep[0] = (s as f32).mul_add(xd * yb.d, self.rep[0]);
+            self.rep[1] = (m as f32).mul_add(xdmin * yb.d, self.rep[1]);
             return;
         }
         let d = yb.d * xd;
@@ -663,9 +731,12 @@ impl KQuantSum {
     }
 
     #[inline(always)]
-    fn finish<const TILED: bool>(&self) -> f32 {
-        if TILED {
+    fn finish<const MODE: u8>(&self) -> f32 {
+        if MODE == TILED {
             return self.tiled;
+        }
+        if MODE == REPACK || MODE == REPACK_GEMM {
+            return self.rep[0] - self.rep[1];
         }
         let m = (self.acc_m[0] + self.acc_m[2]) + (self.acc_m[1] + self.acc_m[3]);
         hsum8(&self.acc) + (self.summs + m)
@@ -680,7 +751,7 @@ impl KQuantSum {
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_q6_k_avx2<const TILED: bool>(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
+unsafe fn dot_rows_q6_k_avx2<const TILE: bool>(w: &[u8], row_bytes: usize, y: &[BlockQ8K], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let nb = (row_bytes / 210).min(y.len());
     let low = _mm256_set1_epi8(0x0F);
@@ -723,7 +794,7 @@ unsafe fn dot_rows_q6_k_avx2<const TILED: bool>(w: &[u8], row_bytes: usize, y: &
                 acc
             };
             let sub = q6_k_bias_lanes(scales, &yb.bsums);
-            if TILED {
+            if TILE {
                 // SAFETY: AVX2 (the caller's target features).
                 let isum = unsafe { hsum_i32(lanes) } - sub.iter().sum::<i32>();
                 sumf = (isum as f32 * f16_at(b, 208)).mul_add(yb.d, sumf);
@@ -735,7 +806,7 @@ unsafe fn dot_rows_q6_k_avx2<const TILED: bool>(w: &[u8], row_bytes: usize, y: &
                 }
             }
         }
-        out[r] = if TILED {
+        out[r] = if TILE {
             sumf
         } else {
             let mut l = [0.0f32; 8];
@@ -761,16 +832,6 @@ fn q6_k_bias_lanes(scales: &[u8], bsums: &[i16; 16]) -> [i32; 8] {
 fn isum32(a: &[i8; 32], b: &[i8; 32]) -> i32 {
     let mut s = 0i32;
     for i in 0..32 {
-        s += i32::from(a[i]) * i32::from(b[i]);
-    }
-    s
-}
-
-/// `Σ a[i]·b[i]` over 16 signed bytes, exact in i32.
-#[inline(always)]
-fn isum16(a: &[i8], b: &[i8]) -> i32 {
-    let mut s = 0i32;
-    for i in 0..16 {
         s += i32::from(a[i]) * i32::from(b[i]);
     }
     s
@@ -863,53 +924,56 @@ fn mins_dot_bsums(scales: &[u8], bsums: &[i16; 16]) -> i32 {
 /// nibbles; sub-block 2c the low nibbles of bytes 32c..32c+32, 2c+1 their high nibbles) ·
 /// Q8_K: `d·Σ_j sc_j·Σq − dmin·Σ_j m_j·bsum_j` with `d = f16(x.d)·y.d`.
 #[inline(always)]
-fn dot_q4_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
+fn dot_q4_k<const MODE: u8>(w: &[u8], y: &[BlockQ8K]) -> f32 {
     let mut k = KQuantSum::default();
     for (b, yb) in w.as_chunks::<144>().0.iter().zip(y) {
         let scales = &b[4..16];
         let qs = &b[16..144];
-        let mut lanes = [0i32; 8];
+        let (mut lanes, mut per_sb) = ([0i32; 8], [0i32; 4]);
         for j in 0..8 {
             let (c, shift) = (j / 2, 4 * (j % 2));
             let sc = i32::from(scale_min_k4(j, scales).0);
             for p in 0..32 {
-                let q = i32::from((qs[32 * c + p] >> shift) & 0x0F);
-                lanes[p / 4] += sc * q * i32::from(yb.qs[32 * j + p]);
+                let v = sc * i32::from((qs[32 * c + p] >> shift) & 0x0F) * i32::from(yb.qs[32 * j + p]);
+                lanes[p / 4] += v;
+                per_sb[c] += v;
             }
         }
-        k.add::<false, TILED>(b, yb, &lanes);
+        k.add::<false, MODE>(b, yb, &lanes, &per_sb);
     }
-    k.finish::<TILED>()
+    k.finish::<MODE>()
 }
 
 /// Q5_K (176 bytes: f16 d, f16 dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of
 /// nibbles; bit j of qh[l] is the fifth bit of element l of sub-block j) · Q8_K, as Q4_K.
 #[inline(always)]
-fn dot_q5_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
+fn dot_q5_k<const MODE: u8>(w: &[u8], y: &[BlockQ8K]) -> f32 {
     let mut k = KQuantSum::default();
     for (b, yb) in w.as_chunks::<176>().0.iter().zip(y) {
         let scales = &b[4..16];
         let qh = &b[16..48];
         let qs = &b[48..176];
-        let mut lanes = [0i32; 8];
+        let (mut lanes, mut per_sb) = ([0i32; 8], [0i32; 4]);
         for j in 0..8 {
             let (c, shift) = (j / 2, 4 * (j % 2));
             let sc = i32::from(scale_min_k4(j, scales).0);
             for p in 0..32 {
                 let q = i32::from(((qs[32 * c + p] >> shift) & 0x0F) | (((qh[p] >> j) & 1) << 4));
-                lanes[p / 4] += sc * q * i32::from(yb.qs[32 * j + p]);
+                let v = sc * q * i32::from(yb.qs[32 * j + p]);
+                lanes[p / 4] += v;
+                per_sb[c] += v;
             }
         }
-        k.add::<true, TILED>(b, yb, &lanes);
+        k.add::<true, MODE>(b, yb, &lanes, &per_sb);
     }
-    k.finish::<TILED>()
+    k.finish::<MODE>()
 }
 
 /// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of 2-bit highs, 16 × i8 scales, f16 d;
 /// in half h, element 32k + l takes nibble k/2 of ql[64h + 32(k%2) + l] and bits 2k..2k+2
 /// of qh[32h + l]; value q − 32; 16 elements share a scale) · Q8_K: `d·Σ_g sc_g·Σq`.
 #[inline(always)]
-fn dot_q6_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
+fn dot_q6_k<const TILE: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
     let mut sumf = 0.0f32;
     let mut acc = [0.0f32; 8];
     for (b, yb) in w.as_chunks::<210>().0.iter().zip(y) {
@@ -930,7 +994,7 @@ fn dot_q6_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
             }
         }
         let sub = q6_k_bias_lanes(scales, &yb.bsums);
-        if TILED {
+        if TILE {
             let isum = lanes.iter().sum::<i32>() - sub.iter().sum::<i32>();
             sumf = (isum as f32 * f16_at(b, 208)).mul_add(yb.d, sumf);
         } else {
@@ -940,7 +1004,7 @@ fn dot_q6_k<const TILED: bool>(w: &[u8], y: &[BlockQ8K]) -> f32 {
             }
         }
     }
-    if TILED { sumf } else { hsum8(&acc) }
+    if TILE { sumf } else { hsum8(&acc) }
 }
 
 #[cfg(test)]
