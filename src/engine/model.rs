@@ -646,10 +646,13 @@ impl Model {
 }
 
 /// `gate = silu(gate) · up`, as HF computes it or (`ggml_numerics`) as ggml does.
-fn swiglu(gate: &mut [f32], up: &[f32], ggml_numerics: bool) {
+fn swiglu(gate: &mut [f32], up: &[f32], width: usize, ggml_numerics: bool) {
     if ggml_numerics {
+        // one GLU row at a time: ggml's 16 lanes start at each row
         let x = gate.to_vec();
-        ggml::swiglu(gate, &x, up);
+        for ((y, xr), ur) in gate.chunks_mut(width).zip(x.chunks(width)).zip(up.chunks(width)) {
+            ggml::swiglu(y, xr, ur);
+        }
     } else {
         kernels::swiglu_in_place(gate, up);
     }
@@ -669,7 +672,7 @@ fn dense_mlp(m: &Mlp, t: usize, s: &mut Scratch, qd: QuantDot, ggml_numerics: bo
     let (g, u) = (&mut s.g[..t * im], &mut s.u[..t * im]);
     m.gate_proj.forward(g, &s.hn, t, qd);
     m.up_proj.forward(u, &s.hn, t, qd);
-    swiglu(g, u, ggml_numerics);
+    swiglu(g, u, im, ggml_numerics);
     m.down_proj.forward(&mut s.o, g, t, qd);
 }
 
@@ -698,44 +701,74 @@ fn sparse_moe(
     let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e]; // per expert: (row, weight)
     let mut probs = vec![0.0f32; e];
     for ti in 0..t {
-        probs.copy_from_slice(&router[ti * e..(ti + 1) * e]);
-        kernels::softmax_in_place(&mut probs);
+        let row = &router[ti * e..(ti + 1) * e];
+        if ggml_numerics {
+            ggml::softmax_row(&mut probs, row, 1.0, e);
+        } else {
+            probs.copy_from_slice(row);
+            kernels::softmax_in_place(&mut probs);
+        }
         let mut top = kernels::top_k(&probs, k);
         if m.norm_topk_prob {
-            let sum: f32 = top.iter().map(|p| p.1).sum();
+            let sum = if ggml_numerics {
+                // SUM_ROWS (f64), CLAMP to at least 2^-14, DIV
+                (top.iter().map(|p| p.1 as f64).sum::<f64>() as f32).max(6.103_515_6e-5)
+            } else {
+                top.iter().map(|p| p.1).sum()
+            };
             for p in &mut top {
                 p.1 /= sum;
             }
         }
         for (j, &(x, wgt)) in top.iter().enumerate() {
             ids[ti * k + j] = x as i32;
-            routes[x].push((ti, wgt));
+            routes[x].push((ti * k + j, wgt));
         }
     }
     if io.plan.wants(CapturePoint::MoeTopkIds, layer) && !io.capture_rows.is_empty() {
         io.sink.push_i32(CapturePoint::MoeTopkIds, layer, &ids, k, io.capture_rows);
     }
 
-    // Experts in index order, each over the rows routed to it.
+    // Experts in index order, each over the rows routed to it. ggml adds the weighted
+    // outputs of a row's picks in pick order (`ADD` of the top-k views), HF in expert order.
     s.o.fill(0.0);
+    let mut picks = if ggml_numerics { vec![0.0f32; t * k * h] } else { Vec::new() }; // [t, k, H]
     for (x, rows) in routes.iter().enumerate() {
         if rows.is_empty() {
             continue;
         }
         let n = rows.len();
         let xin = &mut s.moe_in[..n * h]; // [n, H]
-        for (dst, &(r, _)) in xin.chunks_mut(h).zip(rows) {
+        for (dst, &(rk, _)) in xin.chunks_mut(h).zip(rows) {
+            let r = rk / k;
             dst.copy_from_slice(&s.hn[r * h..(r + 1) * h]);
         }
         let (g, u) = (&mut s.g[..n * im], &mut s.u[..n * im]); // [n, I]
         matrix::matmul(g, xin, m.experts_gate_proj.rows_view(x * im..(x + 1) * im), n, qd);
         matrix::matmul(u, xin, m.experts_up_proj.rows_view(x * im..(x + 1) * im), n, qd);
-        swiglu(g, u, ggml_numerics);
+        swiglu(g, u, im, ggml_numerics);
         let d = &mut s.moe_out[..n * h]; // [n, H]
         matrix::matmul(d, g, m.experts_down_proj.rows_view(x * h..(x + 1) * h), n, qd);
-        for (dr, &(r, wgt)) in d.chunks(h).zip(rows) {
-            for (ov, &dv) in s.o[r * h..(r + 1) * h].iter_mut().zip(dr) {
-                *ov += dv * wgt;
+        for (dr, &(rk, wgt)) in d.chunks(h).zip(rows) {
+            if ggml_numerics {
+                for (pv, &dv) in picks[rk * h..(rk + 1) * h].iter_mut().zip(dr) {
+                    *pv = dv * wgt;
+                }
+            } else {
+                let r = rk / k;
+                for (ov, &dv) in s.o[r * h..(r + 1) * h].iter_mut().zip(dr) {
+                    *ov += dv * wgt;
+                }
+            }
+        }
+    }
+    if ggml_numerics {
+        for (o, p) in s.o[..t * h].chunks_mut(h).zip(picks.chunks(k * h)) {
+            o.copy_from_slice(&p[..h]);
+            for pick in p.chunks(h).skip(1) {
+                for (ov, &pv) in o.iter_mut().zip(pick) {
+                    *ov += pv;
+                }
             }
         }
     }
