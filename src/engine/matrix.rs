@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::gguf::{GgmlType, MappedBytes, quants};
 use super::kernels;
-use super::quant_dot::{self, QuantRows, SimdLevel, VecDotType};
+use super::quant_dot::{self, Batch, QuantRows, SimdLevel, VecDotType};
 
 /// How matmuls with quantized weights compute (the request's `options.quant_dot`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -211,13 +211,25 @@ impl SharedOut {
 }
 
 /// `out = x · Wᵀ`. `x`: `[t, w.cols]`, `out`: `[t, w.rows]`. Every element's value is
-/// independent of `t`, of the blocking and of the thread count.
+/// independent of the blocking and of the thread count; on the ggml path it depends on `t`
+/// as ggml's does (the kernel ggml-cpu picks for a batch of `t` rows, see
+/// [`quant_dot::dot_rows_batched`]), elsewhere not.
 pub fn matmul(out: &mut [f32], x: &[f32], w: MatRef<'_>, t: usize, qd: QuantDot) {
+    matmul_op(out, x, w, t, qd, false)
+}
+
+/// [`matmul`] for one expert's rows of a MoE layer: ggml's `MUL_MAT_ID`, which takes
+/// `gemv` for every row of a repacked weight.
+pub fn matmul_expert(out: &mut [f32], x: &[f32], w: MatRef<'_>, t: usize, qd: QuantDot) {
+    matmul_op(out, x, w, t, qd, true)
+}
+
+fn matmul_op(out: &mut [f32], x: &[f32], w: MatRef<'_>, t: usize, qd: QuantDot, expert: bool) {
     let (k, n) = (w.cols, w.rows);
     match (w.data, w.vec_dot_type(), qd) {
         (RowData::F32(wf), _, _) => kernels::matmul_t(out, x, wf, t, k, n),
         (RowData::Blocks { ty, bytes, row_bytes }, Some(vdt), QuantDot::Ggml) => {
-            matmul_quantized(out, x, t, k, n, ty, vdt, bytes, row_bytes)
+            matmul_quantized(out, x, t, k, n, ty, vdt, bytes, row_bytes, expert)
         }
         _ => kernels::matmul_t_rows(out, x, t, k, n, &|r, buf| w.rows_f32(r, buf)),
     }
@@ -235,6 +247,7 @@ fn matmul_quantized(
     vdt: VecDotType,
     bytes: &[u8],
     row_bytes: usize,
+    expert: bool,
 ) {
     assert!(
         x.len() == t * k && out.len() == t * n && bytes.len() == n * row_bytes,
@@ -259,7 +272,7 @@ fn matmul_quantized(
         let w = &bytes[rows.start * row_bytes..rows.end * row_bytes];
         for ti in 0..t {
             // The pair of types was chosen by `VecDotType::of(ty)`, so this cannot fail.
-            let ok = quant_dot::dot_rows_batched(ty, w, row_bytes, act.row(ti, blocks_per_row), tmp, simd, t, ti, n);
+            let ok = quant_dot::dot_rows_batched(ty, w, row_bytes, act.row(ti, blocks_per_row), tmp, simd, Batch { rows: t, row: ti, weight_rows: n, expert });
             debug_assert!(ok.is_ok());
             for (j, &v) in tmp.iter().enumerate() {
                 // SAFETY: `ti * n + rows.start + j < t * n = out.len()` (asserted above), and

@@ -744,11 +744,11 @@ fn sparse_moe(
             dst.copy_from_slice(&s.hn[r * h..(r + 1) * h]);
         }
         let (g, u) = (&mut s.g[..n * im], &mut s.u[..n * im]); // [n, I]
-        matrix::matmul(g, xin, m.experts_gate_proj.rows_view(x * im..(x + 1) * im), n, qd);
-        matrix::matmul(u, xin, m.experts_up_proj.rows_view(x * im..(x + 1) * im), n, qd);
+        matrix::matmul_expert(g, xin, m.experts_gate_proj.rows_view(x * im..(x + 1) * im), n, qd);
+        matrix::matmul_expert(u, xin, m.experts_up_proj.rows_view(x * im..(x + 1) * im), n, qd);
         swiglu(g, u, im, ggml_numerics);
         let d = &mut s.moe_out[..n * h]; // [n, H]
-        matrix::matmul(d, g, m.experts_down_proj.rows_view(x * h..(x + 1) * h), n, qd);
+        matrix::matmul_expert(d, g, m.experts_down_proj.rows_view(x * h..(x + 1) * h), n, qd);
         for (dr, &(rk, wgt)) in d.chunks(h).zip(rows) {
             if ggml_numerics {
                 for (pv, &dv) in picks[rk * h..(rk + 1) * h].iter_mut().zip(dr) {

@@ -375,8 +375,21 @@ pub fn takes_repack(ty: GgmlType, rows: usize) -> bool {
     ty == GgmlType::Q4K && rows.is_multiple_of(8)
 }
 
-/// [`dot_rows`] for activation row `row` of a product of `batch` rows with a weight of
-/// `weight_rows` rows, as the kernel ggml picks computes it ([`takes_repack`], [`takes_tiled`]): the repacked
+/// Where one activation row sits in a product, which decides ggml's kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    /// Activation rows in the product.
+    pub rows: usize,
+    /// This row's index among them.
+    pub row: usize,
+    /// Rows of the weight (of the whole tensor, for experts).
+    pub weight_rows: usize,
+    /// A MoE expert's product (`MUL_MAT_ID`).
+    pub expert: bool,
+}
+
+/// [`dot_rows`] for one activation row of a product ([`Batch`]), as the kernel ggml picks
+/// computes it ([`takes_repack`], [`takes_tiled`]): the repacked
 /// Q4_K kernels add `fma(S, d·y.d)` and `fma(M, dmin·y.d)` apart; the tiled kernel adds each super-block's exact integer sum `S` as
 /// `(S · dx) · dy` (Q6_K) or `fma(−dmin, M, S · d) · dy` (Q5_K), one super-block after the
 /// other; `vec_dot` keeps eight lanes of FMAs (see each type's kernel).
@@ -387,11 +400,10 @@ pub fn dot_rows_batched(
     a: QuantRow<'_>,
     out: &mut [f32],
     simd: SimdLevel,
-    batch: usize,
-    row: usize,
-    weight_rows: usize,
+    b: Batch,
 ) -> Result<(), DotTypeMismatch> {
-    let repack = takes_repack(ty, weight_rows);
+    let (batch, row) = (b.rows, b.row);
+    let repack = takes_repack(ty, b.weight_rows);
     if !takes_tiled(ty, batch) && !repack {
         return dot_rows(ty, w, row_bytes, a, out, simd);
     }
@@ -401,8 +413,9 @@ pub fn dot_rows_batched(
     let simd = simd.min(SimdLevel::detect());
     match ty {
         GgmlType::Q4K => {
-            // rows `0..batch - batch % 4` go through `gemm` (groups of 4), the rest `gemv`
-            let gemm = batch > 3 && row < batch - batch % 4;
+            // rows `0..batch - batch % 4` go through `gemm` (groups of 4), the rest `gemv`;
+            // `MUL_MAT_ID` takes `gemv` for every row
+            let gemm = !b.expert && batch > 3 && row < batch - batch % 4;
             #[cfg(target_arch = "x86_64")]
             if simd >= SimdLevel::Avx2 {
                 // SAFETY: `simd` is at most what `SimdLevel::detect` found: AVX2 is there.
