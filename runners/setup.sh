@@ -66,19 +66,41 @@ if ! stamp_ok "$lc/.stamp-src" "$LLAMA_SHA256"; then
   echo "$LLAMA_SHA256" > "$lc/.stamp-src"
 fi
 tree="$src/vendor/llama.cpp"
-if ! stamp_ok "$lc/.stamp-tools" "$LLAMA_SHA256"; then
-  log "building llama.cpp tools (llama-quantize, llama-server, llama-completion) with $JOBS jobs"
+# The instruction set llama.cpp is built for is named, not -march=native: which kernels ggml
+# compiles (and so the bits of every llama.cpp reference) follows it, and machines of one
+# kind differ (some have AMX, whose int8 tile kernels ggml then uses for quantized weights;
+# some lack AVX-512). On any x86-64 CPU with AVX-512 F/BW/DQ/VL/VBMI/VNNI/BF16 the build is
+# the same set, "x86-64-avx512": the set the engine's llama.cpp numerics (src/engine/ggml.rs)
+# reproduce bit for bit, and the one tests/ggml_numerics.rs requires. Elsewhere it is native.
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+has_all() { local f; for f in "$@"; do [[ " $cpu_flags " == *" $f "* ]] || return 1; done; }
+if [[ "$(uname -m)" == x86_64 ]] && has_all sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512bw \
+    avx512dq avx512vl avx512vbmi avx512_vnni avx512_bf16; then
+  LLAMA_ISA=x86-64-avx512
+  LLAMA_ISA_FLAGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+else
+  LLAMA_ISA="native-$(uname -m)"
+  LLAMA_ISA_FLAGS="-DGGML_NATIVE=ON"
+  log "this CPU lacks one of the AVX-512 extensions of x86-64-avx512: llama.cpp is built -march=native," \
+    "and its references will not be ggml's AVX-512 bits (tests/ggml_numerics.rs says so and is skipped)"
+fi
+llama_build="$LLAMA_SHA256 $LLAMA_ISA"
+if ! stamp_ok "$lc/.stamp-tools" "$llama_build"; then
+  log "building llama.cpp tools (llama-quantize, llama-server, llama-completion) for $LLAMA_ISA with $JOBS jobs"
+  rm -rf "$lc/build"
+  # shellcheck disable=SC2086
   "$venv/bin/cmake" -S "$tree" -B "$lc/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$venv/bin/ninja" \
-    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF $LLAMA_ISA_FLAGS -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
   "$venv/bin/cmake" --build "$lc/build" -j "$JOBS" --target llama-quantize llama-server llama-completion >&2
-  echo "$LLAMA_SHA256" > "$lc/.stamp-tools"
+  echo "$llama_build" > "$lc/.stamp-tools"
 fi
-if ! stamp_ok "$lc/.stamp-python" "$LLAMA_SHA256"; then
-  log "building llama-cpp-python $LLAMA_VERSION from the same sdist"
-  PATH="$venv/bin:$PATH" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+if ! stamp_ok "$lc/.stamp-python" "$llama_build"; then
+  log "building llama-cpp-python $LLAMA_VERSION from the same sdist for $LLAMA_ISA"
+  "$venv/bin/pip" uninstall -q -y llama-cpp-python >&2 || true  # a build for another set
+  PATH="$venv/bin:$PATH" CMAKE_ARGS="$LLAMA_ISA_FLAGS -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
     "$venv/bin/pip" install -q --no-build-isolation "$src" >&2
-  echo "$LLAMA_SHA256" > "$lc/.stamp-python"
+  echo "$llama_build" > "$lc/.stamp-python"
 fi
 
 # 3. The real Qwen3 tokenizer
@@ -119,5 +141,6 @@ export PARITYBENCH_PYTHON='$py'
 export PARITYBENCH_LLAMACPP='$tree'
 export PARITYBENCH_LLAMACPP_BIN='$lc/build/bin'
 export PARITYBENCH_LLAMACPP_SDIST='$LLAMA_SDIST $LLAMA_VERSION sha256:$LLAMA_SHA256'
+export PARITYBENCH_LLAMACPP_ISA='$LLAMA_ISA'
 export PARITYBENCH_TOKENIZER='$tok/tokenizer.json'
 OUT

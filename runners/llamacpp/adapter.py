@@ -140,6 +140,14 @@ def library_versions(llama_cpp) -> dict:
         if full:
             v["llama.cpp commit"] = full
     v.update(tree_build_info())
+    # what ggml was compiled for decides which kernels (and so which bits) a run takes
+    isa = os.environ.get("PARITYBENCH_LLAMACPP_ISA")
+    if isa:
+        v["isa"] = isa
+    try:
+        v["cpu features"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except (AttributeError, OSError):
+        pass
     return v
 
 

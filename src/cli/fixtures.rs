@@ -187,6 +187,7 @@ fn build_config(args: &BuildArgs) -> anyhow::Result<BuildConfig> {
         timeout: Duration::from_secs(args.timeout_s),
         device: args.device.clone(),
         hf_only: args.references == RefSet::Hf,
+        llamacpp_isa: std::env::var("PARITYBENCH_LLAMACPP_ISA").ok().filter(|s| !s.is_empty()),
     })
 }
 

@@ -232,10 +232,12 @@ pub struct Model {
     pub lm_head: Option<Matrix>,
     /// How matmuls with quantized weights compute (default: as llama.cpp's CPU backend).
     pub quant_dot: QuantDot,
-    /// llama.cpp's CPU numerics where they differ from HF FP32 by more than an ulp: RoPE
-    /// angles as ggml computes them, Q, K and V rounded to f16 (its K/V cache type, and the
-    /// type ggml converts Q to for the product with K), the probabilities rounded to f16 for
-    /// the product with V. Off: everything in f32, as HF FP32.
+    /// llama.cpp's CPU numerics, to the bit (with [`QuantDot::Ggml`] on quantized weights):
+    /// ggml's RMSNorm, RoPE (its angles and GCC's contraction of the rotation), SwiGLU and
+    /// softmax (`ggml_v_expf` lanes, libm tails), K and V rounded to f16 as its cache stores
+    /// them, attention over llama.cpp's `n_kv` cells with its f16 dot kernels, the MoE router
+    /// and expert sums in ggml's order ([`super::ggml`]). `tests/ggml_numerics.rs` holds
+    /// every capture to llama.cpp's tensor. Off: everything in f32, as HF FP32.
     pub llamacpp_numerics: bool,
     /// `[head_dim / 2]`
     inv_freq: Vec<f32>,

@@ -17,35 +17,29 @@
 //!   signed element of largest magnitude (first on ties) gives `iscale = -127 / max`,
 //!   `q = nearest_int(iscale * x)` (the `+ 12582912` rounding trick), `d = 1 / iscale` in f32,
 //!   `bsums` per 16. Every quantized byte equals ggml's.
-//! - every integer block sum (exact, so any order and any SIMD width gives the same value),
-//!   and the float scale arithmetic per block: `Σq·(dx·dy)` for Q8_0/Q4_0/Q5_0,
-//!   `(dx·dy)·Σq + mx·sy` for Q4_1/Q5_1, `d·Σ(scale·Σq) − dmin·Σ(min·bsum)` with
-//!   `d = f16(x.d)·y.d` for the K-quants.
-//! - the same semantics on every path llama.cpp takes on this kind of CPU (Zen 4, AVX-512):
-//!   Q4_0 and Q4_K weights are repacked (`ggml-cpu/repack.cpp`, "CPU_REPACK" extra buffer
-//!   type: `q4_0_8x8_q8_0`, `q4_K_8x8_q8_K` when the rows are a multiple of 8), whose
-//!   `ggml_quantize_mat_q8_K_4x8` / `q8_0_4x8` quantize 4 rows at a time with the same
-//!   scale, rounding and `d` as the row quantizers (Q8_K's scale sign may come out flipped
-//!   on an exact ± tie, which flips `d` and every `q` together: the same products); the
-//!   K-quant "tiled" matmul (`ggml-cpu/tiled/`, batches of ≥ 8 rows) and llamafile's
-//!   `sgemm` (Q8_0/Q4_0/Q5_0 prefill) use the row quantizers' output. Q5_K, Q6_K and Q8_0
-//!   are not repacked on x86.
+//! - every integer sum (exact, so any order and any SIMD width gives the same value), and
+//!   every float step after it in ggml's order, lane by lane, to the bit, for the kernel
+//!   ggml-cpu picks on x86 with AVX2/AVX-512 for the product at hand ([`dot_rows_batched`]):
+//!   - Q8_0 (`vec_dot_q8_0_q8_0`, and llamafile's `tinyBLAS_Q0_AVX` for batches, the same
+//!     lanes): eight lanes, lane `l` the bytes `4l..4l+4` of each block, `fma(dx·dy, lane,
+//!     acc)`, then `hsum_float_8`;
+//!   - Q6_K and Q5_K one row at a time (`vec_dot_q6_K_q8_K`, `vec_dot_q5_K_q8_K`): the same
+//!     eight lanes per super-block (Q6_K's `−32` taken off per lane from the bsums), Q5_K's
+//!     mins in one running `fma`; from 8 rows on, the tiled kernel (`ggml-cpu/tiled`): each
+//!     super-block's exact sum as `fma(S·dx, dy, acc)` (Q6_K) or `fma(fma(−dmin, M, S·d),
+//!     dy, acc)` (Q5_K), GCC's contraction of `acc + r·dy` included;
+//!   - Q4_K, which ggml repacks on x86 (`q4_K_8x8_q8_K`, rows a multiple of 8): `gemm` (rows
+//!     in groups of 4) one `fma(S, d·dy)` per 64 elements, `gemv` (the remaining rows, every
+//!     row of a MoE expert) one per super-block, the mins apart and subtracted at the end.
 //!
-//! Where this differs (float rounding only, about 1e-7 relative per dot product): ggml's
-//! SIMD kernels add the per-block terms in 8-lane registers with fused multiply-adds and
-//! sum the lanes at the end, and the repacked, tiled and sgemm kernels each have their own
-//! order; here each row's blocks are added one after the other, in block order, without
-//! fusing. The order is fixed, so the result does not depend on the thread count, and the
-//! SIMD builds of this module (the same code compiled for AVX2 or AVX-512 VNNI, selected at
-//! run time) give the bits of the portable build: only the exact integer part vectorises.
+//!   `tests/quant_dot.rs` holds `vec_dot` to ggml's own on real blocks, bit for bit, and
+//!   `tests/ggml_numerics.rs` the whole forward pass to llama.cpp's tensors. Q4_0, Q4_1, Q5_0
+//!   and Q5_1 keep the exact integers and per-block scales but add blocks in order (within
+//!   1e-6 of ggml's): no fixture file uses them.
 //!
-//! Outside these products the engine still computes as HF does, not as llama.cpp: llama.cpp
-//! (without flash attention) stores K and V in f16 and rounds Q and the softmax
-//! probabilities to f16 for its two attention products (`vec_dot_type` of F16 is F16), and
-//! its RMSNorm sums squares in double and scales by `1 / sqrtf`. Those differences are about
-//! 1e-3 relative; an 8-bit activation quantizer turns them into whole-step flips of a few
-//! quants, so end-to-end agreement with llama.cpp is only as close as the model's
-//! sensitivity allows (measured per file by `tests/engine_gguf.rs`).
+//! The order is fixed, so the result does not depend on the thread count, and the SIMD
+//! builds of this module (the same code compiled for AVX2 or AVX-512 VNNI, selected at run
+//! time) give the bits of the portable build.
 
 use half::f16;
 

@@ -214,3 +214,21 @@ pub fn python() -> Option<PathBuf> {
     let p = cache.join("venv/bin/python");
     p.exists().then_some(p)
 }
+
+/// The llama.cpp build (`runners/setup.sh`'s `PARITYBENCH_LLAMACPP_ISA`) whose CPU numerics
+/// the engine reproduces bit for bit (`src/engine/ggml.rs`): ggml compiled for AVX-512
+/// F/BW/DQ/VL/VBMI/VNNI/BF16 without AMX. Another build takes other kernels (AMX tiles,
+/// 8-lane AVX2 sums), so the bit-for-bit claims do not apply to its references.
+pub const GGML_ISA: &str = "x86-64-avx512";
+
+/// Why a llama.cpp build named `isa` cannot be held to the engine's bits, or `None` when it
+/// can (also when the build is not named: a reference made outside `runners/setup.sh`).
+pub fn ggml_bits_not_applicable(isa: Option<&str>) -> Option<String> {
+    match isa {
+        Some(isa) if isa != GGML_ISA => Some(format!(
+            "llama.cpp here is built for {isa}, not {GGML_ISA} (this CPU lacks an AVX-512 extension): \
+             its kernels are not the ones the engine reproduces bit for bit"
+        )),
+        _ => None,
+    }
+}
